@@ -1,0 +1,5 @@
+import sys
+
+from PRLDetectorLib.cli import main
+
+sys.exit(main())

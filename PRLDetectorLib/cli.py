@@ -1,0 +1,274 @@
+"""``prl-detect``: the command line over the library.
+
+Exit codes: 0 done, 2 bad input or settings (one sentence on stderr, nothing written), 1 a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from PRLDetectorLib import __version__
+from PRLDetectorLib.errors import InputError
+
+logger = logging.getLogger("PRLDetectorLib")
+
+PROGRESS_PREFIX = "PRLDETECTOR_PROGRESS"
+
+
+def _add_detection_options(parser: argparse.ArgumentParser) -> None:
+    from PRLDetectorLib.settings import CONNECTIVITIES, DEVICES, DetectionSettings
+
+    defaults = DetectionSettings()
+    parser.add_argument("--model", default=defaults.model,
+                        help="bundled model name (qsm, qsm_flair) or an nnU-Net v2 model folder (default: %(default)s)")
+    parser.add_argument("--device", choices=DEVICES, default=defaults.device,
+                        help="auto picks CUDA, then MPS, then CPU (default: %(default)s)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=defaults.tta,
+                        help="test-time augmentation by mirroring, ~6x slower on CPU (default: off)")
+    parser.add_argument("--threshold", type=float, default=defaults.threshold,
+                        help="PRL probability threshold (default: %(default)s)")
+    parser.add_argument("--min-lesion-mm3", type=float, default=defaults.min_lesion_mm3,
+                        help="drop lesions smaller than this (default: %(default)s mm³)")
+    parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=defaults.connectivity,
+                        help="voxel connectivity that splits lesions (default: %(default)s)")
+
+
+def _settings(args: argparse.Namespace):
+    from PRLDetectorLib.settings import DetectionSettings
+
+    return DetectionSettings(
+        model=args.model, device=args.device, tta=args.tta, threshold=args.threshold,
+        min_lesion_mm3=args.min_lesion_mm3, connectivity=args.connectivity,
+    )
+
+
+@contextmanager
+def _progress_reporter(enabled_lines: bool, quiet: bool, description: str):
+    """Yield a progress callback: machine-readable lines for Slicer, or a tqdm bar for people."""
+    if enabled_lines:
+        def report(fraction: float, message: str) -> None:
+            print(f"{PROGRESS_PREFIX} {fraction:.3f} {message}", flush=True)
+
+        yield report
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc=description, unit="%", disable=quiet, leave=False,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
+        def report(fraction: float, message: str) -> None:
+            bar.set_postfix_str(message, refresh=False)
+            bar.update(max(0, round(100 * fraction) - bar.n))  # tqdm throttles the redraws itself
+
+        yield report
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.images import read_image
+    from PRLDetectorLib.pipeline import Detector, check_output_folder, write_result
+
+    settings = _settings(args)
+    settings.validate()
+    check_output_folder(args.out, args.overwrite)
+    qsm = read_image(args.qsm, "QSM")
+    flair = read_image(args.flair, "FLAIR") if args.flair else None
+    detector = Detector(settings)
+    detector.check_inputs(flair is not None)
+    with _progress_reporter(args.progress_lines, args.quiet, "detect") as progress:
+        result = detector.detect(qsm, flair, progress)
+    inputs = {"qsm": args.qsm, **({"flair": args.flair} if args.flair else {})}
+    out = write_result(result, args.out, inputs, overwrite=args.overwrite)
+    burden = result.burden
+    print(
+        f"PRLs: {burden.prl_count}  total volume: {burden.total_volume_mm3:.1f} mm³  "
+        f"PRL-positive (≥1): {'yes' if burden.positive_ge1 else 'no'}  (≥4): {'yes' if burden.positive_ge4 else 'no'}"
+    )
+    print(f"Results: {out}")
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.batch import run_batch
+
+    settings = _settings(args)
+    settings.validate()
+    report = run_batch(Path(args.cases), Path(args.out), settings, progress=not args.quiet)
+    print(f"Done {len(report.done)}, already done {len(report.skipped)}, failed {len(report.failed)}; "
+          f"cohort tables in {args.out}")
+    for case_id, reason in sorted(report.failed.items()):
+        print(f"  {case_id}: {reason}")
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.phantom import generate_cohort
+
+    if args.n < 1:
+        raise InputError(f"--n {args.n} asks for no case; give 1 or more.")
+    paths = generate_cohort(
+        Path(args.out), n=args.n, seed=args.seed, with_flair=args.flair,
+        spacing_mm=args.spacing, extent_mm=tuple(args.extent_mm) if args.extent_mm else None,
+        vary_grid=args.vary_grid, progress=not args.quiet,
+    )
+    for path in paths:
+        truth = json.loads((path / "truth.json").read_text(encoding="utf-8"))
+        print(f"{path}: {truth['prl_count']} PRL(s), {len(truth['lesions'])} lesion(s) and mimic(s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.evaluation import compare_lesion_detection, evaluate_folders
+
+    evaluation = evaluate_folders(Path(args.gt), Path(args.pred))
+    print(evaluation.format_table())
+    record = {"pred": str(args.pred), "gt": str(args.gt), "evaluation": evaluation.to_dict()}
+    if args.compare:
+        other = evaluate_folders(Path(args.gt), Path(args.compare))
+        comparison = compare_lesion_detection(evaluation, other)
+        print(f"\nAgainst {args.compare}:")
+        print(other.format_table())
+        print(f"McNemar on lesion detection: {comparison}")
+        record["compare"] = {"pred": str(args.compare), "evaluation": other.to_dict(), "mcnemar": comparison.to_dict()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        print(f"Written: {args.json}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.training import run_training_job
+
+    if args.epochs < 1 or args.iterations < 1:
+        raise InputError("--epochs and --iterations must be 1 or more.")
+    model = run_training_job(
+        cases_dir=Path(args.cases), work_dir=Path(args.work), model_out=Path(args.model_out), name=args.name,
+        with_flair=args.flair, dataset_id=args.dataset_id, small=args.plan == "small", epochs=args.epochs,
+        iterations_per_epoch=args.iterations, val_iterations=args.val_iterations, seed=args.seed,
+        device=args.device, fold=int(args.fold) if args.fold.isdigit() else args.fold,
+    )
+    print(f"Model: {model}")
+    return 0
+
+
+def cmd_export_dataset(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.dataset import add_case_files
+
+    case_id = add_case_files(Path(args.dataset), args.qsm, args.mask, args.flair, args.case_id)
+    print(f"Added {case_id} to {args.dataset}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.models import bundled_models
+
+    models = bundled_models()
+    if not models:
+        print("No models installed.")
+    for model in models:
+        print(f"{model.path.name:12s} {' + '.join(c.upper() for c in model.channels):12s} {model.version:10s} {model.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prl-detect", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    detect = sub.add_parser("detect", help="find PRLs in one QSM (+FLAIR) case")
+    detect.add_argument("--qsm", required=True, help="QSM in ppm: NIfTI, NRRD, MHA or a DICOM series folder")
+    detect.add_argument("--flair", help="FLAIR (any grid overlapping the QSM); needs a QSM + FLAIR model")
+    detect.add_argument("--out", required=True, help="output folder (must not exist, unless --overwrite)")
+    detect.add_argument("--overwrite", action="store_true", help="replace an existing result folder")
+    detect.add_argument("--progress-lines", action="store_true",
+                        help=f"print '{PROGRESS_PREFIX} <fraction> <message>' lines instead of a progress bar")
+    _add_detection_options(detect)
+    detect.set_defaults(func=cmd_detect)
+
+    batch = sub.add_parser("batch", help="run many patients through one loaded model (resumable)")
+    batch.add_argument("--cases", required=True, help="folder with one folder per patient: qsm.nii.gz [+ flair.nii.gz]")
+    batch.add_argument("--out", required=True, help="output folder; finished patients in it are not redone")
+    _add_detection_options(batch)
+    batch.set_defaults(func=cmd_batch)
+
+    phantom = sub.add_parser("phantom", help="generate phantom patients with known PRLs")
+    phantom.add_argument("--out", required=True, help="folder to create the cases in")
+    phantom.add_argument("--n", type=int, default=1, help="number of patients (default: %(default)s)")
+    phantom.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    phantom.add_argument("--flair", action="store_true", help="also write a FLAIR on its own grid")
+    phantom.add_argument("--spacing", type=float, default=1.0, help="QSM voxel size in mm (default: %(default)s)")
+    phantom.add_argument("--extent-mm", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                         help="crop the field of view to this box around the brain centre (small, fast cases)")
+    phantom.add_argument("--vary-grid", action="store_true", help="draw each patient's grid from realistic ones")
+    phantom.set_defaults(func=cmd_phantom)
+
+    evaluate = sub.add_parser("evaluate", help="lesion- and patient-level accuracy against ground truth")
+    evaluate.add_argument("--gt", required=True, help="ground-truth folder (phantom layout: <case>/gt_prl.nii.gz)")
+    evaluate.add_argument("--pred", required=True, help="prediction folder (<case>/prl_labels.nii.gz)")
+    evaluate.add_argument("--compare", help="a second prediction folder: McNemar's test on lesion detection")
+    evaluate.add_argument("--json", help="write all figures to this JSON file")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    train = sub.add_parser("train", help="train an nnU-Net v2 PRL model on case folders (phantoms or your own)")
+    train.add_argument("--cases", required=True,
+                       help="folder of case folders: qsm.nii.gz [+ flair.nii.gz] + gt_prl.nii.gz (or a .seg.nrrd)")
+    train.add_argument("--model-out", required=True, help="model folder to write (must not exist)")
+    train.add_argument("--work", required=True, help="nnU-Net raw/preprocessed/results folders go here")
+    train.add_argument("--name", default="qsm", help="model name (default: %(default)s)")
+    train.add_argument("--flair", action="store_true", help="train on QSM + FLAIR")
+    train.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)")
+    train.add_argument("--plan", choices=("small", "default"), default="small",
+                       help="small: CPU-friendly 48³ patch, 16-32-64-128; default: nnU-Net's own plan (GPU)")
+    train.add_argument("--epochs", type=int, default=40)
+    train.add_argument("--iterations", type=int, default=100, help="training iterations per epoch")
+    train.add_argument("--val-iterations", type=int, default=20, help="validation iterations per epoch")
+    train.add_argument("--fold", default="0", help="nnU-Net fold (0-4, or 'all' to train on every case)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export-dataset", help="add a corrected case to an nnU-Net raw dataset for retraining")
+    export.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder (created if missing)")
+    export.add_argument("--qsm", required=True)
+    export.add_argument("--flair")
+    export.add_argument("--mask", required=True, help="PRL label map or .seg.nrrd on the QSM (any grid)")
+    export.add_argument("--case-id", help="case id (default: the next case_NNNN)")
+    export.set_defaults(func=cmd_export_dataset)
+
+    models = sub.add_parser("models", help="list the bundled and installed models")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger("PRLDetectorLib")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except InputError as error:
+        print(f"prl-detect: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prl-detect: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Lesion instances: split a binary PRL mask into numbered lesions.
+
+``PRL 1`` is always the largest lesion: ids run 1..n by volume, largest first, and lesions of equal
+volume keep raster order (the order in which a C-order scan of the (z, y, x) array first meets them).
+Id 0 is background. Instance maps are ``uint16``, the type nnU-Net and Slicer label maps use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cc3d
+import numpy as np
+
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.settings import CONNECTIVITIES
+
+logger = logging.getLogger(__name__)
+
+MAX_LESIONS = int(np.iinfo(np.uint16).max)
+
+
+@dataclass(frozen=True)
+class LesionExtents:
+    """Size and place of every lesion in an instance map, from one pass over the volume.
+
+    Arrays are indexed by lesion (row ``r`` describes lesion ``ids[r]``); coordinates are voxel indices
+    in array order (z, y, x).
+    """
+
+    ids: np.ndarray
+    """Lesion ids present, ascending (int64, shape (n,))."""
+    voxels: np.ndarray
+    """Voxel count per lesion (int64, shape (n,))."""
+    bbox_min_zyx: np.ndarray
+    """First voxel index of the bounding box (int64, shape (n, 3))."""
+    bbox_max_zyx: np.ndarray
+    """Last voxel index of the bounding box, inclusive (int64, shape (n, 3))."""
+    centroid_zyx: np.ndarray
+    """Mean voxel index (float64, shape (n, 3))."""
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+
+def find_lesions(
+    mask: np.ndarray,
+    spacing_mm: Sequence[float],
+    min_lesion_mm3: float = 0.0,
+    connectivity: int = 26,
+) -> np.ndarray:
+    """Return a uint16 lesion-instance map of ``mask`` (0 background, 1..n largest first).
+
+    ``mask`` is any 3D array in (z, y, x) order whose non-zero voxels are PRL; ``spacing_mm`` is the
+    voxel size as SimpleITK gives it, (x, y, z). Lesions smaller than ``min_lesion_mm3`` are dropped (a
+    lesion of exactly that volume is kept). ``connectivity`` is 6 (faces), 18 (+edges) or 26 (+corners).
+    """
+    mask = _as_volume(mask, "PRL mask")
+    voxel_mm3 = _voxel_volume(spacing_mm)
+    if connectivity not in CONNECTIVITIES:
+        raise InputError(f"Connectivity {connectivity} is not 6, 18 or 26; use one of those.")
+    if not np.isfinite(min_lesion_mm3) or min_lesion_mm3 < 0:
+        raise InputError(f"Minimum lesion size {min_lesion_mm3} mm³ is not a volume; use 0 or more.")
+
+    if mask.dtype != bool or not mask.flags.writeable:
+        # cc3d cannot read a read-only buffer (SimpleITK's array views are read-only); a bool copy is
+        # the cheapest writable form.
+        mask = mask != 0
+    # cc3d numbers components in memory order, which is raster order only for a C-order array; the
+    # equal-volume tie-break relies on that.
+    mask = np.ascontiguousarray(mask)
+    components, n = cc3d.connected_components(
+        mask, connectivity=connectivity, return_N=True, binary_image=True
+    )
+    labels = np.zeros(mask.shape, dtype=np.uint16)
+    if n == 0:
+        logger.info("The PRL mask is empty: no lesions.")
+        return labels
+
+    # Work on the foreground voxels only (a few per mille of a brain volume): one scan finds them, and
+    # counting and relabelling then cost nothing next to the connected-components pass.
+    flat_index = np.flatnonzero(components != 0)
+    component_of_voxel = components.ravel()[flat_index]
+    counts = np.bincount(component_of_voxel, minlength=n + 1)
+    component_ids = np.arange(1, n + 1)
+    # A relative tolerance keeps a lesion whose volume equals the minimum up to float rounding.
+    big_enough = counts[1:] * voxel_mm3 >= min_lesion_mm3 * (1 - 1e-9)
+    kept = component_ids[big_enough]
+    if kept.size > MAX_LESIONS:
+        raise InputError(
+            f"The PRL mask splits into {kept.size} lesions, more than a uint16 label map holds; "
+            "raise the threshold or the minimum lesion size."
+        )
+    # A stable sort on -count keeps cc3d's raster numbering among lesions of equal size.
+    ranked = kept[np.argsort(-counts[kept], kind="stable")]
+    new_id = np.zeros(n + 1, dtype=np.uint16)
+    new_id[ranked] = np.arange(1, ranked.size + 1, dtype=np.uint16)
+    labels.ravel()[flat_index] = new_id[component_of_voxel]
+
+    dropped = n - kept.size
+    logger.info(
+        "Found %d lesion(s) at %d-connectivity%s.",
+        kept.size,
+        connectivity,
+        f"; dropped {dropped} smaller than {min_lesion_mm3:g} mm³" if dropped else "",
+    )
+    return labels
+
+
+def relabel_consecutive(labels: np.ndarray, by_volume: bool = False) -> np.ndarray:
+    """Renumber the ids of an instance map to 1..n without gaps, as uint16.
+
+    Meant for label maps rebuilt from edited segments (lesions deleted, merged or drawn). By default
+    the ids keep their relative order, so ``PRL 3`` still comes before ``PRL 5``; with ``by_volume`` the
+    largest lesion becomes 1, as :func:`find_lesions` numbers them (ties keep id order).
+    """
+    labels = _as_label_array(labels)
+    flat_index = np.flatnonzero(labels != 0)
+    old_of_voxel = labels.ravel()[flat_index]
+    present, position, counts = np.unique(old_of_voxel, return_inverse=True, return_counts=True)
+    if present.size > MAX_LESIONS:
+        raise InputError(
+            f"The label map holds {present.size} lesions, more than a uint16 label map holds; "
+            "merge or delete some."
+        )
+    rank = np.arange(1, present.size + 1, dtype=np.uint16)
+    if by_volume:
+        rank[np.argsort(-counts, kind="stable")] = np.arange(1, present.size + 1, dtype=np.uint16)
+    out = np.zeros(labels.shape, dtype=np.uint16)
+    out.ravel()[flat_index] = rank[position.ravel()]
+    return out
+
+
+def lesion_extents(labels: np.ndarray) -> LesionExtents:
+    """Voxel counts, bounding boxes and centroids of every lesion of an instance map, in one pass."""
+    labels = _as_label_array(labels)
+    flat_index = np.flatnonzero(labels != 0)
+    id_of_voxel = labels.ravel()[flat_index]
+    order = np.argsort(id_of_voxel, kind="stable")
+    id_of_voxel = id_of_voxel[order]
+    coords = np.stack(np.unravel_index(flat_index[order], labels.shape), axis=1)
+    if id_of_voxel.size == 0:
+        empty3 = np.zeros((0, 3), dtype=np.int64)
+        return LesionExtents(np.zeros(0, np.int64), np.zeros(0, np.int64), empty3, empty3, empty3 * 1.0)
+    starts = np.flatnonzero(np.r_[True, id_of_voxel[1:] != id_of_voxel[:-1]])
+    voxels = np.diff(np.r_[starts, id_of_voxel.size])
+    return LesionExtents(
+        ids=id_of_voxel[starts].astype(np.int64),
+        voxels=voxels.astype(np.int64),
+        bbox_min_zyx=np.minimum.reduceat(coords, starts, axis=0),
+        bbox_max_zyx=np.maximum.reduceat(coords, starts, axis=0),
+        centroid_zyx=np.add.reduceat(coords, starts, axis=0) / voxels[:, None],
+    )
+
+
+def _as_volume(array: np.ndarray, what: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise InputError(f"The {what} has {array.ndim} dimension(s), not 3; pass a 3D (z, y, x) array.")
+    return array
+
+
+def _as_label_array(labels: np.ndarray) -> np.ndarray:
+    labels = _as_volume(labels, "lesion label map")
+    if labels.dtype == bool:
+        return labels.view(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(
+            f"The lesion label map holds {labels.dtype} values, not integers; pass integer lesion ids."
+        )
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
+        raise InputError("The lesion label map holds negative ids; use 0 for background and 1..n for lesions.")
+    return labels
+
+
+def _voxel_volume(spacing_mm: Sequence[float]) -> float:
+    spacing = np.asarray(spacing_mm, dtype=float)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"Voxel spacing {tuple(spacing_mm)} is not three positive sizes in mm; pass (x, y, z).")
+    return float(np.prod(spacing))

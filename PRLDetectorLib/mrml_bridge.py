@@ -1,0 +1,549 @@
+"""MRML ↔ library: volume nodes ↔ SimpleITK images, lesions ↔ segments, lesion rows ↔ a table node.
+
+The only module of the library that speaks MRML. It uses the MRML and Segmentations logic classes and
+``slicer.util`` array helpers, never ``qt`` nor ``slicer.mrmlScene``: every function takes its scene or
+nodes as arguments, so it runs inside Slicer and on slicer-core in CI alike.
+
+Geometry: a volume node keeps origin and axis directions in RAS; SimpleITK keeps them in LPS. The voxel
+array is the same (z, y, x) block in both. Converting flips the sign of the first two rows of the
+direction matrix and of the first two origin coordinates, nothing else, so a round trip is exact.
+
+Each lesion is one segment. The segment carries its lesion id and review status as tags, so they live
+in the segmentation itself (and in a saved ``.seg.nrrd``); the lesion table is a view of the segments,
+rebuilt by :func:`lesion_rows_from_segments`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from PRLDetectorLib.burden import Burden, compute_burden
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.features import LESION_COLUMNS, LesionFeatures
+from PRLDetectorLib.segments import PRL_TERMINOLOGY, segment_color, segment_name
+
+logger = logging.getLogger(__name__)
+
+STATUS_COLUMN = "status"
+TABLE_COLUMNS: tuple[str, ...] = (LESION_COLUMNS[0], STATUS_COLUMN, *LESION_COLUMNS[1:])
+"""The lesion table node: the columns of ``lesions.csv`` and the reader's verdict, shown next to the lesion id
+(a narrow panel shows the first columns)."""
+CSV_COLUMNS: tuple[str, ...] = (*LESION_COLUMNS, STATUS_COLUMN)
+"""An exported ``lesions.csv``: the detection's columns in their order, the verdict appended."""
+
+CANDIDATE, CONFIRMED, REJECTED = "candidate", "confirmed", "rejected"
+STATUSES = (CANDIDATE, CONFIRMED, REJECTED)
+
+STATUS_TAG = "PRLDetector.Status"
+LESION_ID_TAG = "PRLDetector.LesionID"
+TABLE_REFERENCE_ROLE = "PRLDetector.LesionTable"
+SEGMENTATION_REFERENCE_ROLE = "PRLDetector.Segmentation"
+
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
+_UNITS = {"volume_mm3": "mm³", "probability_mean": "", "paramagnetic_edge_fraction": ""}
+
+
+# -- volumes ------------------------------------------------------------------------------------------
+
+
+def image_from_volume_node(volume_node) -> sitk.Image:
+    """A copy of a scalar volume node's voxels as a SimpleITK image with the same geometry (in LPS).
+
+    The node's own geometry is used; a parent transform is not applied (results are placed under the same
+    transform instead, see :func:`segmentation_from_labels`).
+    """
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise InputError("The volume has no voxels; load an image into it first.")
+    if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise InputError(f"The volume '{volume_node.GetName()}' has several components per voxel; choose a scalar volume.")
+    array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in volume_node.GetSpacing()))
+    origin = np.array(volume_node.GetOrigin(), dtype=float)
+    image.SetOrigin(tuple(_RAS_FROM_LPS @ origin))
+    image.SetDirection(tuple((_RAS_FROM_LPS @ _direction_ras(volume_node)).ravel()))
+    return image
+
+
+def update_volume_node_from_image(volume_node, image: sitk.Image) -> None:
+    """Give a volume node the voxels and geometry of a SimpleITK image."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("Only 3D scalar images can be shown as a volume; give a 3D scalar image.")
+    slicer.util.updateVolumeFromArray(volume_node, sitk.GetArrayFromImage(image))
+    _set_geometry(volume_node, image)
+
+
+def add_volume_node(scene, image: sitk.Image, name: str, labelmap: bool = False):
+    """Add a new scalar (or label map) volume node holding ``image``."""
+    class_name = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(class_name, name)
+    update_volume_node_from_image(node, image)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def geometry_image(volume_node) -> sitk.Image:
+    """An empty (1-byte) image on the node's grid: the ``reference`` the library's measurements need."""
+    dims = volume_node.GetImageData().GetDimensions()
+    image = sitk.Image([int(d) for d in dims], sitk.sitkUInt8)
+    image.SetSpacing(tuple(float(s) for s in volume_node.GetSpacing()))
+    image.SetOrigin(tuple(_RAS_FROM_LPS @ np.array(volume_node.GetOrigin(), dtype=float)))
+    image.SetDirection(tuple((_RAS_FROM_LPS @ _direction_ras(volume_node)).ravel()))
+    return image
+
+
+def _direction_ras(volume_node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASDirectionMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(3)] for r in range(3)])
+
+
+def _set_geometry(volume_node, image: sitk.Image) -> None:
+    volume_node.SetSpacing(*image.GetSpacing())
+    volume_node.SetOrigin(*(_RAS_FROM_LPS @ np.array(image.GetOrigin(), dtype=float)))
+    direction_ras = _RAS_FROM_LPS @ np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            matrix.SetElement(r, c, direction_ras[r, c])
+    volume_node.SetIJKToRASDirectionMatrix(matrix)
+
+
+def _array_on_reference(labels, reference_node) -> np.ndarray:
+    array = sitk.GetArrayFromImage(labels) if isinstance(labels, sitk.Image) else np.asarray(labels)
+    expected = tuple(reversed(reference_node.GetImageData().GetDimensions()))
+    if array.shape != expected:
+        raise InputError(
+            f"The label map has shape {array.shape} but '{reference_node.GetName()}' is {expected} (z, y, x); "
+            "resample the labels onto that volume first."
+        )
+    return array
+
+
+# -- segmentations ------------------------------------------------------------------------------------
+
+
+def ensure_segmentation_converters() -> None:
+    """Register the segment representation converters (the Segmentations module does it in the app)."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.ConstructRepresentationObjectByRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()):
+        return
+    for rule in (
+        slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+        slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+        slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
+        slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule,
+    ):
+        factory.RegisterConverterRule(rule())
+
+
+@dataclass(frozen=True)
+class LesionSegment:
+    """One segment as a lesion: where it is in the segmentation and what the reader said about it."""
+
+    segment_id: str
+    name: str
+    lesion_id: int | None
+    """None for a segment the reader drew (no lesion id yet)."""
+    status: str
+
+
+def segmentation_from_labels(
+    scene,
+    labels: sitk.Image | np.ndarray,
+    reference_node,
+    name: str,
+    statuses: Mapping[int, str] | None = None,
+    names: Mapping[int, str] | None = None,
+    default_status: str = CANDIDATE,
+):
+    """A new segmentation node with one segment per lesion id of ``labels`` (on ``reference_node``'s grid).
+
+    Segment ``PRL_<id>`` is named "PRL <id>" with its own colour, a lesion terminology entry and the lesion
+    id and status as tags. The segmentation takes the reference volume's geometry, parent transform and
+    place in the subject hierarchy (its study), and is shown in slice views and in 3D.
+    """
+    ensure_segmentation_converters()
+    array = _array_on_reference(labels, reference_node)
+    ids = [int(i) for i in np.unique(array) if i != 0]
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    segmentation_node.SetNodeReferenceID(
+        slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole(), reference_node.GetID()
+    )
+    if reference_node.GetParentTransformNode():
+        segmentation_node.SetAndObserveTransformNodeID(reference_node.GetParentTransformNode().GetID())
+    if ids:
+        _import_labels(scene, array, reference_node, segmentation_node, [f"PRL_{i}" for i in ids])
+    segmentation = segmentation_node.GetSegmentation()
+    for lesion_id in ids:
+        segment = segmentation.GetSegment(f"PRL_{lesion_id}")
+        segment.SetName((names or {}).get(lesion_id, segment_name(lesion_id)))
+        segment.SetNameAutoGenerated(False)
+        segment.SetColor(*segment_color(lesion_id))
+        segment.SetColorAutoGenerated(False)
+        segment.SetTag(segment.GetTerminologyEntryTagName(), PRL_TERMINOLOGY)
+        segment.SetTag(LESION_ID_TAG, str(lesion_id))
+        segment.SetTag(STATUS_TAG, (statuses or {}).get(lesion_id, default_status))
+    place_next_to(scene, segmentation_node, reference_node)
+    show_segmentation(segmentation_node)
+    return segmentation_node
+
+
+def _import_labels(scene, array: np.ndarray, reference_node, segmentation_node, segment_ids: Sequence[str]) -> None:
+    """Import label values 1..n of ``array`` (in ascending order) into the given segment ids."""
+    with _temporary_nodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_import__")
+        labelmap.CopyOrientation(reference_node)
+        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(array, dtype=np.uint16))
+        names = vtk.vtkStringArray()
+        for segment_id in segment_ids:
+            names.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, names):
+            raise RuntimeError("Slicer could not import the lesion label map into the segmentation.")
+
+
+def show_segmentation(segmentation_node) -> None:
+    """Visible in slice views (fill and outline) and in 3D as closed surfaces."""
+    display = segmentation_node.GetDisplayNode()
+    if display is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+        display = segmentation_node.GetDisplayNode()
+    display.SetVisibility(True)
+    display.SetVisibility2DFill(True)
+    display.SetVisibility2DOutline(True)
+    display.SetVisibility3D(True)
+    if segmentation_node.GetSegmentation().GetNumberOfSegments():
+        segmentation_node.CreateClosedSurfaceRepresentation()
+
+
+def lesion_segments(segmentation_node) -> list[LesionSegment]:
+    """Every segment, in segmentation order, with its lesion id (None when drawn by hand) and status."""
+    segmentation = segmentation_node.GetSegmentation()
+    out = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segment_id)
+        out.append(
+            LesionSegment(
+                segment_id=segment_id,
+                name=segment.GetName(),
+                lesion_id=_int_tag(segment, LESION_ID_TAG),
+                status=_status_tag(segment),
+            )
+        )
+    return out
+
+
+def _int_tag(segment, tag: str) -> int | None:
+    value = vtk.reference("")
+    if not segment.GetTag(tag, value):
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+def _status_tag(segment) -> str:
+    value = vtk.reference("")
+    if segment.GetTag(STATUS_TAG, value) and str(value) in STATUSES:
+        return str(value)
+    return CANDIDATE
+
+
+def claim_new_segments(segmentation_node, status: str = CONFIRMED) -> list[LesionSegment]:
+    """Give segments drawn by the reader (no lesion id yet, or a duplicated one) the next free lesion ids.
+
+    A segment the reader drew is a lesion the reader saw, so it starts as ``confirmed``.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    current = lesion_segments(segmentation_node)
+    used: set[int] = set()
+    for lesion in current:
+        if lesion.lesion_id is not None and lesion.lesion_id not in used:
+            used.add(lesion.lesion_id)
+    next_id = max(used, default=0) + 1
+    seen: set[int] = set()
+    for lesion in current:
+        if lesion.lesion_id is not None and lesion.lesion_id not in seen:
+            seen.add(lesion.lesion_id)
+            continue
+        segment = segmentation.GetSegment(lesion.segment_id)
+        segment.SetTag(LESION_ID_TAG, str(next_id))
+        if lesion.lesion_id is None:
+            segment.SetTag(STATUS_TAG, status)
+            if not _has_tag(segment, segment.GetTerminologyEntryTagName()):
+                segment.SetTag(segment.GetTerminologyEntryTagName(), PRL_TERMINOLOGY)
+        logger.info("Segment '%s' is lesion %d.", lesion.name, next_id)
+        seen.add(next_id)
+        next_id += 1
+    return lesion_segments(segmentation_node)
+
+
+def _has_tag(segment, tag: str) -> bool:
+    value = vtk.reference("")
+    return bool(segment.GetTag(tag, value)) and bool(str(value))
+
+
+def set_segment_from_array(segmentation_node, segment_id: str, mask: np.ndarray, reference_node) -> None:
+    """Replace a segment's voxels by a (z, y, x) mask on ``reference_node``'s grid, as a paint or erase would."""
+    ensure_segmentation_converters()
+    array = (_array_on_reference(mask, reference_node) > 0).astype(np.uint8)
+    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise InputError(f"The segmentation has no segment '{segment_id}'.")
+    scene = segmentation_node.GetScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    with _temporary_nodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_edit__")
+        labelmap.CopyOrientation(reference_node)
+        slicer.util.updateVolumeFromArray(labelmap, array)
+        image = logic.CreateOrientedImageDataFromVolumeNode(labelmap)
+    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
+        raise RuntimeError(f"Slicer could not replace the voxels of segment '{segment_id}'.")
+
+
+def set_lesion_status(segmentation_node, segment_id: str, status: str) -> None:
+    if status not in STATUSES:
+        raise InputError(f"Status '{status}' is not one of {', '.join(STATUSES)}.")
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise InputError(f"The segmentation has no segment '{segment_id}'; it may have been deleted. Update the burden.")
+    segment.SetTag(STATUS_TAG, status)
+
+
+def segment_id_of_lesion(segmentation_node, lesion_id: int) -> str | None:
+    for lesion in lesion_segments(segmentation_node):
+        if lesion.lesion_id == lesion_id:
+            return lesion.segment_id
+    return None
+
+
+def labels_from_segmentation(segmentation_node, reference_node, segment_ids: Sequence[str] | None = None) -> np.ndarray:
+    """The segments as a uint16 (z, y, x) label map on ``reference_node``'s grid: segment n → value n (1-based).
+
+    ``segment_ids`` picks and orders the segments (default: all, in segmentation order). Where segments
+    overlap, the later one wins. A segment in several pieces keeps one value.
+    """
+    ensure_segmentation_converters()
+    if segment_ids is None:
+        segment_ids = [s.segment_id for s in lesion_segments(segmentation_node)]
+    shape = tuple(reversed(reference_node.GetImageData().GetDimensions()))
+    if not segment_ids:
+        return np.zeros(shape, dtype=np.uint16)
+    scene = segmentation_node.GetScene()
+    with _temporary_nodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_export__")
+        ids = vtk.vtkStringArray()
+        for segment_id in segment_ids:
+            ids.InsertNextValue(segment_id)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, labelmap, reference_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+        )
+        if not ok:
+            raise RuntimeError("Slicer could not export the segments to a label map.")
+        array = np.array(slicer.util.arrayFromVolume(labelmap), dtype=np.uint16, copy=True)
+    if array.shape != shape:
+        raise RuntimeError(f"The exported label map is {array.shape}, not the reference grid {shape}.")
+    return array
+
+
+def segment_center_ras(segmentation_node, segment_id: str) -> tuple[float, float, float] | None:
+    """Centre of a segment in world RAS (None for an empty segment)."""
+    center = segmentation_node.GetSegmentCenterRAS(segment_id)
+    return None if center is None else tuple(float(c) for c in center)
+
+
+def write_segmentation_file(segmentation_node, path: str | Path) -> Path:
+    """Save as ``.seg.nrrd`` on the reference grid, not cropped, so it overlays the QSM one to one."""
+    path = Path(path)
+    scene = segmentation_node.GetScene()
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        storage.SetCropToMinimumExtent(False)
+        storage.SetUseCompression(True)
+        if not storage.WriteData(segmentation_node):
+            raise InputError(f"The segmentation could not be written to '{path}'; check that the folder is writable.")
+    finally:
+        scene.RemoveNode(storage)
+    return path
+
+
+def read_segmentation_file(scene, path: str | Path, name: str | None = None):
+    """Load a ``.seg.nrrd`` into a new segmentation node."""
+    ensure_segmentation_converters()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"The segmentation '{path}' does not exist; check the path.")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or path.name.removesuffix(".seg.nrrd"))
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(storage)
+        scene.RemoveNode(node)
+        raise InputError(f"'{path.name}' is not a segmentation Slicer can read; save it again as .seg.nrrd.")
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+@contextmanager
+def _temporary_nodes(scene):
+    """Remove every node added to the scene inside the block (a temporary volume, its display and colours)."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node.GetID() not in before and not node.IsA("vtkMRMLSubjectHierarchyNode"):
+                scene.RemoveNode(node)
+
+
+# -- subject hierarchy ---------------------------------------------------------------------------------
+
+
+def place_next_to(scene, node, reference_node) -> None:
+    """Put ``node`` in the subject-hierarchy folder or study that holds ``reference_node``."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    reference_item = _item_of(hierarchy, reference_node)
+    item = _item_of(hierarchy, node)
+    parent = hierarchy.GetItemParent(reference_item)
+    if parent and item and parent != hierarchy.GetItemParent(item):
+        hierarchy.SetItemParent(item, parent)
+
+
+def _item_of(hierarchy, node) -> int:
+    item = hierarchy.GetItemByDataNode(node)
+    if not item:
+        # Inside Slicer every node gets an item when added; on slicer-core nothing does that for us.
+        item = hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+    return item
+
+
+# -- lesion table ----------------------------------------------------------------------------------------
+
+
+def _lesion_column_types() -> dict[str, type]:
+    """int or float for every lesion column, read from the LesionFeatures fields in column order."""
+    types: dict[str, type] = {}
+    columns = iter(LESION_COLUMNS)
+    for field in fields(LesionFeatures):
+        annotation = str(field.type)
+        kind = int if "int" in annotation.replace("tuple", "") else float
+        width = annotation.count(",") + 1 if annotation.startswith("tuple") else 1
+        for _ in range(width):
+            types[next(columns)] = kind
+    return types
+
+
+COLUMN_TYPES: dict[str, type] = {**_lesion_column_types(), STATUS_COLUMN: str}
+
+
+def lesion_from_row(row: Mapping[str, object]) -> LesionFeatures:
+    """Rebuild the LesionFeatures of a table row (the inverse of ``LesionFeatures.as_row``)."""
+    columns = iter(LESION_COLUMNS)
+    values = {}
+    for field in fields(LesionFeatures):
+        annotation = str(field.type)
+        if annotation.startswith("tuple"):
+            width = annotation.count(",") + 1
+            values[field.name] = tuple(COLUMN_TYPES[c](row[c]) for c in [next(columns) for _ in range(width)])
+        else:
+            column = next(columns)
+            values[field.name] = COLUMN_TYPES[column](row[column])
+    return LesionFeatures(**values)
+
+
+def lesion_table_node(scene, rows: Sequence[Mapping[str, object]], name: str, table_node=None):
+    """Fill (or create) a table node with the lesion rows: the lesions.csv columns and ``status``."""
+    if table_node is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = vtk.vtkTable()
+    for column in TABLE_COLUMNS:
+        kind = COLUMN_TYPES[column]
+        array = vtk.vtkStringArray() if kind is str else vtk.vtkIntArray() if kind is int else vtk.vtkDoubleArray()
+        array.SetName(column)
+        array.SetNumberOfValues(len(rows))
+        for index, row in enumerate(rows):
+            value = row.get(column, CANDIDATE if column == STATUS_COLUMN else math.nan)
+            if kind is str:
+                array.SetValue(index, str(value))
+            elif kind is int:
+                array.SetValue(index, int(value))
+            else:
+                array.SetValue(index, float(value))
+        table.AddColumn(array)
+    was_modifying = table_node.StartModify()
+    table_node.SetAndObserveTable(table)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    for column in TABLE_COLUMNS:
+        unit = _UNITS.get(column, "mm" if column.endswith("_mm") else "ppm" if column.endswith("_ppm") else "")
+        if unit:
+            table_node.SetColumnUnitLabel(column, unit)
+    # Statuses change through Confirm/Reject so that the segment tags stay the truth; measurements are
+    # measurements. Nobody types into this table.
+    table_node.SetLocked(True)
+    table_node.EndModify(was_modifying)
+    return table_node
+
+
+def rows_from_table(table_node) -> list[dict[str, object]]:
+    table = table_node.GetTable()
+    columns = [table.GetColumn(i) for i in range(table.GetNumberOfColumns())]
+    rows = []
+    for r in range(table.GetNumberOfRows()):
+        row: dict[str, object] = {}
+        for column in columns:
+            name = column.GetName()
+            kind = COLUMN_TYPES.get(name, str)
+            value = column.GetValue(r)
+            row[name] = str(value) if kind is str else kind(value)
+        rows.append(row)
+    return rows
+
+
+def link_table(segmentation_node, table_node) -> None:
+    segmentation_node.SetNodeReferenceID(TABLE_REFERENCE_ROLE, table_node.GetID())
+    table_node.SetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE, segmentation_node.GetID())
+
+
+def linked_table(segmentation_node):
+    return segmentation_node.GetNodeReference(TABLE_REFERENCE_ROLE) if segmentation_node else None
+
+
+def linked_segmentation(table_node):
+    return table_node.GetNodeReference(SEGMENTATION_REFERENCE_ROLE) if table_node else None
+
+
+def reference_volume(segmentation_node):
+    return segmentation_node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+
+
+def rows_with_status(lesions: Iterable[LesionFeatures], statuses: Mapping[int, str]) -> list[dict[str, object]]:
+    return [{**lesion.as_row(), STATUS_COLUMN: statuses.get(lesion.lesion_id, CANDIDATE)} for lesion in lesions]
+
+
+def burden_from_rows(rows: Sequence[Mapping[str, object]]) -> Burden:
+    """The burden of the lesions the reader did not reject."""
+    lesions = [lesion_from_row(row) for row in rows]
+    rejected = [int(row["lesion_id"]) for row in rows if row.get(STATUS_COLUMN) == REJECTED]
+    return compute_burden(lesions, excluded_ids=rejected)
+
+
+def burden_from_table(table_node) -> Burden:
+    return burden_from_rows(rows_from_table(table_node))

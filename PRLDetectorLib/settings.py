@@ -1,0 +1,45 @@
+"""Detection settings: one typed place, validated with a sentence that says what is wrong.
+
+The Slicer parameter node mirrors these fields; the CLI options map onto them one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from PRLDetectorLib.errors import InputError
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+CONNECTIVITIES = (6, 18, 26)
+
+
+@dataclass
+class DetectionSettings:
+    model: str = "qsm"
+    """A bundled model name (``qsm``, ``qsm_flair``) or the path of an nnU-Net v2 trained-model folder."""
+    device: str = "auto"
+    """``auto`` picks CUDA, then MPS, then CPU."""
+    tta: bool = False
+    """Test-time augmentation by mirroring: about 6x slower on CPU for a small gain."""
+    threshold: float = 0.5
+    """PRL probability above which a voxel belongs to a lesion."""
+    min_lesion_mm3: float = 10.0
+    """Lesion instances smaller than this are dropped."""
+    connectivity: int = 26
+    """Voxel connectivity that splits the PRL mask into lesions (6, 18 or 26)."""
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first setting that is out of range."""
+        if self.device not in DEVICES:
+            raise InputError(f"Device '{self.device}' is unknown; use one of {', '.join(DEVICES)}.")
+        if not 0.0 < self.threshold < 1.0:
+            raise InputError(f"Threshold {self.threshold} is outside (0, 1); use a probability such as 0.5.")
+        if self.min_lesion_mm3 < 0:
+            raise InputError(f"Minimum lesion size {self.min_lesion_mm3} mm³ is negative; use 0 or more.")
+        if self.connectivity not in CONNECTIVITIES:
+            raise InputError(f"Connectivity {self.connectivity} is not 6, 18 or 26; use one of those.")
+        if not str(self.model).strip():
+            raise InputError("No model is given; name a bundled model (qsm, qsm_flair) or an nnU-Net model folder.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,569 @@
+"""What the PRL Detector module does to a scene, without Qt: detect, review, update, export.
+
+The Logic class of ``PRLDetector.py`` delegates here, so scripts, the module self-test and the CI tests
+(on slicer-core's MRML scene) run the same code as the panel. Detection runs in a child process
+(:class:`DetectionRun`, the library's CLI) so that Slicer stays responsive and a run can be cancelled;
+:meth:`SceneLogic.detect` waits for it, :meth:`SceneLogic.detect_in_process` skips the child process and
+keeps the model loaded between cases.
+
+A review is a segmentation node (one segment per lesion, tagged with its lesion id and status) and a
+lesion table node built from it; :meth:`SceneLogic.update_burden` re-measures the segments as the reader
+left them.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from PRLDetectorLib import mrml_bridge as bridge
+from PRLDetectorLib.burden import Burden
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.features import measure_lesions, read_lesions_csv
+from PRLDetectorLib.lesions import find_lesions
+from PRLDetectorLib.models import ModelInfo, bundled_models, check_channels, install_model, resolve_model
+from PRLDetectorLib.process import (
+    EXIT_INPUT_ERROR,
+    ChildProcess,
+    Event,
+    Finished,
+    Output,
+    Progress,
+    python_module_command,
+)
+from PRLDetectorLib.settings import DetectionSettings
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[float, str], None]
+
+LIBRARY_PARENT = Path(__file__).resolve().parent.parent
+"""The folder that holds ``PRLDetectorLib``: the child process imports the library from here."""
+
+PROBABILITY_REFERENCE_ROLE = "PRLDetector.Probability"
+SETTINGS_ATTRIBUTE = "PRLDetector.Settings"
+MODEL_ATTRIBUTE = "PRLDetector.Model"
+EXPORT_FILES = ("lesions.csv", "burden.json", "prl.seg.nrrd", "prl_labels.nii.gz")
+CLI_ERROR_PREFIX = "prl-detect: error: "
+
+
+@dataclass
+class PhantomNodes:
+    """A phantom case in the scene, and where its ground-truth PRL mask lies on disk."""
+
+    qsm_node: object
+    flair_node: object | None
+    ground_truth_path: Path
+    truth: dict
+
+
+@dataclass
+class LesionReview:
+    """The nodes of one case under review and its burden (rejected lesions left out)."""
+
+    segmentation_node: object
+    table_node: object
+    burden: Burden
+
+
+def output_name(qsm_node) -> str:
+    return f"{qsm_node.GetName()} PRLs"
+
+
+def table_name(qsm_node) -> str:
+    return f"{qsm_node.GetName()} PRL lesions"
+
+
+class DetectionRun:
+    """One detection in a child process: inputs written as NIfTI, the CLI run, its results loaded.
+
+    ``start`` returns at once; poll or wait, then ``load`` the result into the scene. ``cancel`` kills the
+    child's process tree; the scene is not touched until ``load``.
+    """
+
+    def __init__(
+        self,
+        logic: SceneLogic,
+        qsm_node,
+        flair_node,
+        settings: DetectionSettings,
+        model: ModelInfo,
+    ):
+        self.logic = logic
+        self.qsm_node = qsm_node
+        self.flair_node = flair_node
+        self.settings = settings
+        self.model = model
+        self.work_dir = Path(tempfile.mkdtemp(prefix="PRLDetector-"))
+        self.out_dir = self.work_dir / "result"
+        self.child: ChildProcess | None = None
+        self.progress = 0.0
+        self.message = ""
+
+    def command(self, qsm_path: Path, flair_path: Path | None) -> list[str]:
+        s = self.settings
+        args = ["detect", "--qsm", qsm_path, "--out", self.out_dir, "--model", self.model.path,
+                "--device", s.device, "--tta" if s.tta else "--no-tta", "--threshold", repr(float(s.threshold)),
+                "--min-lesion-mm3", repr(float(s.min_lesion_mm3)), "--connectivity", int(s.connectivity),
+                "--progress-lines"]
+        if flair_path is not None:
+            args[3:3] = ["--flair", flair_path]
+        return python_module_command(self.logic.python_executable, "PRLDetectorLib", args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(self.logic.base_env if self.logic.base_env is not None else os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(LIBRARY_PARENT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self) -> None:
+        qsm_path = self.work_dir / "qsm.nii"
+        sitk.WriteImage(bridge.image_from_volume_node(self.qsm_node), str(qsm_path))
+        flair_path = None
+        if self.flair_node is not None:
+            flair_path = self.work_dir / "flair.nii"
+            sitk.WriteImage(bridge.image_from_volume_node(self.flair_node), str(flair_path))
+        self.child = ChildProcess(self.command(qsm_path, flair_path), env=self.environment(), cwd=LIBRARY_PARENT)
+        logger.info("Detecting PRLs in '%s' with model '%s'", self.qsm_node.GetName(), self.model.name)
+        self.child.start()
+
+    @property
+    def running(self) -> bool:
+        return self.child is not None and self.child.running
+
+    def poll(self) -> list[Event]:
+        """Queued events since the last call; child log lines also go to the log."""
+        events = self.child.poll() if self.child else []
+        for event in events:
+            self._note(event)
+        return events
+
+    def _note(self, event: Event) -> None:
+        if isinstance(event, Progress):
+            self.progress, self.message = event.fraction, event.message
+        elif isinstance(event, Output):
+            logger.info("%s", _strip_level(event.text))
+
+    def wait(self, progress: ProgressCallback | None = None, timeout: float | None = None) -> Finished:
+        def on_event(event: Event) -> None:
+            self._note(event)
+            if progress is not None and isinstance(event, Progress):
+                progress(event.fraction, event.message)
+
+        assert self.child is not None
+        return self.child.wait(timeout=timeout, on_event=on_event)
+
+    def cancel(self) -> None:
+        if self.child is not None:
+            self.child.cancel()
+        logger.info("Detection cancelled; the scene is unchanged.")
+
+    def raise_for_failure(self) -> None:
+        finished = self.child.finished if self.child else None
+        if finished is None:
+            raise RuntimeError("Detection has not finished yet.")
+        if finished.cancelled:
+            raise InputError("Detection was cancelled; nothing was added to the scene.")
+        if finished.returncode == EXIT_INPUT_ERROR:
+            raise InputError(finished.error.removeprefix(CLI_ERROR_PREFIX) or "Detection refused its inputs.")
+        if finished.returncode != 0:
+            tail = "\n".join(self.child.stderr_tail[-15:])
+            raise RuntimeError(f"Detection failed (exit code {finished.returncode}):\n{tail}")
+
+    def load(self) -> LesionReview:
+        """Add the result to the scene: a new segmentation node and lesion table (never replacing one)."""
+        self.raise_for_failure()
+        labels = sitk.ReadImage(str(self.out_dir / "prl_labels.nii.gz"))
+        rows = read_lesions_csv(self.out_dir / "lesions.csv")
+        review = self.logic.show_detection(self.qsm_node, sitk.GetArrayFromImage(labels), rows)
+        record = json.loads((self.out_dir / "burden.json").read_text())
+        _annotate(review.segmentation_node, record.get("settings", self.settings.to_dict()), record.get("model", {}))
+        return review
+
+    def cleanup(self) -> None:
+        if self.running:
+            self.cancel()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _strip_level(text: str) -> str:
+    for level in ("DEBUG ", "INFO ", "WARNING ", "ERROR "):
+        if text.startswith(level):
+            return text[len(level):]
+    return text
+
+
+def _annotate(segmentation_node, settings: Mapping, model: Mapping) -> None:
+    segmentation_node.SetAttribute(SETTINGS_ATTRIBUTE, json.dumps(dict(settings)))
+    segmentation_node.SetAttribute(MODEL_ATTRIBUTE, json.dumps({k: model.get(k) for k in ("name", "version", "path")}))
+
+
+class SceneLogic:
+    """Everything the module does to one MRML scene.
+
+    ``python_executable`` and ``base_env`` are what the child process runs with (inside Slicer: PythonSlicer
+    and Slicer's startup environment); ``models_dir`` is where installed models go.
+    """
+
+    def __init__(
+        self,
+        scene,
+        python_executable: str | Path | None = None,
+        base_env: Mapping[str, str] | None = None,
+        models_dir: str | Path | None = None,
+    ):
+        self.scene = scene
+        self.python_executable = str(python_executable or sys.executable)
+        self.base_env = dict(base_env) if base_env is not None else None
+        self.models_dir = Path(models_dir) if models_dir else None
+        self._detector = None
+
+    # -- models -------------------------------------------------------------------------------------
+
+    def _extra_dirs(self) -> list[Path]:
+        return [self.models_dir] if self.models_dir else []
+
+    def available_models(self) -> list[ModelInfo]:
+        return bundled_models(self._extra_dirs())
+
+    def resolve_model(self, name_or_path: str) -> ModelInfo:
+        return resolve_model(name_or_path, self._extra_dirs())
+
+    def install_model(self, source: str | Path) -> ModelInfo:
+        if self.models_dir is None:
+            raise InputError("No folder for installed models is set; give models_dir to the logic.")
+        return install_model(source, self.models_dir)
+
+    # -- detection ----------------------------------------------------------------------------------
+
+    def _check_inputs(self, qsm_node, flair_node, settings: DetectionSettings) -> ModelInfo:
+        if qsm_node is None:
+            raise InputError("No QSM volume is selected; load a QSM map and select it as input.")
+        if qsm_node.GetImageData() is None:
+            raise InputError(f"The QSM volume '{qsm_node.GetName()}' holds no voxels; load the image again.")
+        if flair_node is not None and flair_node.GetImageData() is None:
+            raise InputError(f"The FLAIR volume '{flair_node.GetName()}' holds no voxels; load it again or clear it.")
+        settings.validate()
+        model = self.resolve_model(settings.model)
+        check_channels(model, {"qsm", "flair"} if flair_node is not None else {"qsm"})
+        return model
+
+    def start_detection(self, qsm_node, flair_node, settings: DetectionSettings) -> DetectionRun:
+        """Validate, write the inputs and start the child process; poll the returned run."""
+        model = self._check_inputs(qsm_node, flair_node, settings)
+        run = DetectionRun(self, qsm_node, flair_node, settings, model)
+        try:
+            run.start()
+        except BaseException:
+            run.cleanup()
+            raise
+        return run
+
+    def detect(
+        self,
+        qsm_node,
+        flair_node=None,
+        settings: DetectionSettings | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+    ) -> LesionReview:
+        """Detect PRLs in a child process and wait for it (for scripts and tests)."""
+        run = self.start_detection(qsm_node, flair_node, settings or DetectionSettings())
+        try:
+            run.wait(progress, timeout)
+            return run.load()
+        finally:
+            run.cleanup()
+
+    def detect_in_process(
+        self,
+        qsm_node,
+        flair_node=None,
+        settings: DetectionSettings | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> LesionReview:
+        """Detect PRLs in this process; the model stays loaded for the next case with the same settings."""
+        from PRLDetectorLib.pipeline import Detector
+
+        settings = settings or DetectionSettings()
+        self._check_inputs(qsm_node, flair_node, settings)
+        if self._detector is None or self._detector.settings != settings:
+            self._detector = Detector(dataclasses.replace(settings), self._extra_dirs())
+        qsm = bridge.image_from_volume_node(qsm_node)
+        flair = bridge.image_from_volume_node(flair_node) if flair_node is not None else None
+        result = self._detector.detect(qsm, flair, progress)
+        rows = bridge.rows_with_status(result.lesions, {})
+        probability = bridge.add_volume_node(self.scene, result.probability, f"{qsm_node.GetName()} PRL probability")
+        probability.HideFromEditorsOn()
+        review = self.show_detection(qsm_node, sitk.GetArrayFromImage(result.labels), rows)
+        review.segmentation_node.SetNodeReferenceID(PROBABILITY_REFERENCE_ROLE, probability.GetID())
+        bridge.place_next_to(self.scene, probability, qsm_node)
+        model = {"name": result.model.name, "version": result.model.version, "path": str(result.model.path)}
+        _annotate(review.segmentation_node, settings.to_dict(), model)
+        return review
+
+    def show_detection(self, qsm_node, labels: np.ndarray, rows: Sequence[Mapping[str, object]]) -> LesionReview:
+        """A new segmentation node and lesion table for detected lesions (ids in ``labels`` = rows' lesion_id)."""
+        statuses = {int(row["lesion_id"]): str(row.get(bridge.STATUS_COLUMN, bridge.CANDIDATE)) for row in rows}
+        ids_in_labels = {int(i) for i in np.unique(labels) if i}
+        if ids_in_labels != set(statuses):
+            raise RuntimeError(
+                f"The label map holds lesions {sorted(ids_in_labels)} but the lesion table {sorted(statuses)}."
+            )
+        segmentation_node = bridge.segmentation_from_labels(
+            self.scene, labels, qsm_node, self.scene.GenerateUniqueName(output_name(qsm_node)), statuses=statuses
+        )
+        rows = [{**row, bridge.STATUS_COLUMN: statuses[int(row["lesion_id"])]} for row in rows]
+        table_node = bridge.lesion_table_node(self.scene, rows, self.scene.GenerateUniqueName(table_name(qsm_node)))
+        bridge.link_table(segmentation_node, table_node)
+        bridge.place_next_to(self.scene, table_node, qsm_node)
+        burden = bridge.burden_from_rows(rows)
+        logger.info("%d lesion(s) in '%s'.", len(rows), segmentation_node.GetName())
+        return LesionReview(segmentation_node, table_node, burden)
+
+    # -- review ---------------------------------------------------------------------------------------
+
+    def _reference(self, segmentation_node):
+        if segmentation_node is None:
+            raise InputError("No PRL segmentation is selected; run detection or load a ground-truth mask first.")
+        qsm_node = bridge.reference_volume(segmentation_node)
+        if qsm_node is None or qsm_node.GetImageData() is None:
+            raise InputError(
+                f"The segmentation '{segmentation_node.GetName()}' has no QSM volume as reference geometry; "
+                "set it in the Segmentations module (Reference geometry) and try again."
+            )
+        return qsm_node
+
+    def update_burden(self, segmentation_node) -> LesionReview:
+        """Re-measure every lesion from the segments as they are now, keeping names and statuses.
+
+        A segment is one lesion whatever its shape (several pieces stay one lesion); a deleted segment
+        leaves the table; a segment drawn by the reader gets the next lesion id and a row.
+        """
+        qsm_node = self._reference(segmentation_node)
+        segments = bridge.claim_new_segments(segmentation_node)
+        labels = bridge.labels_from_segmentation(segmentation_node, qsm_node, [s.segment_id for s in segments])
+        qsm = bridge.image_from_volume_node(qsm_node)
+        probability_node = segmentation_node.GetNodeReference(PROBABILITY_REFERENCE_ROLE)
+        probability = (
+            sitk.GetArrayFromImage(bridge.image_from_volume_node(probability_node)) if probability_node else None
+        )
+        measured = {m.lesion_id: m for m in measure_lesions(labels, sitk.GetArrayViewFromImage(qsm), qsm, probability)}
+        table_node = bridge.linked_table(segmentation_node)
+        previous = {int(r["lesion_id"]): r for r in bridge.rows_from_table(table_node)} if table_node else {}
+
+        rows = []
+        for value, segment in enumerate(segments, start=1):
+            lesion = measured.get(value)
+            if lesion is None:
+                logger.info("Segment '%s' is empty; it is left out of the table.", segment.name)
+                continue
+            row = {**dataclasses.replace(lesion, lesion_id=segment.lesion_id).as_row(), bridge.STATUS_COLUMN: segment.status}
+            old = previous.get(segment.lesion_id)
+            if probability is None and old is not None and _same_voxels(old, row):
+                # Without the probability map an untouched lesion keeps the value detection measured.
+                row["probability_mean"] = old.get("probability_mean", math.nan)
+            rows.append(row)
+
+        if table_node is None:
+            table_node = bridge.lesion_table_node(self.scene, rows, self.scene.GenerateUniqueName(table_name(qsm_node)))
+            bridge.link_table(segmentation_node, table_node)
+            bridge.place_next_to(self.scene, table_node, qsm_node)
+        else:
+            bridge.lesion_table_node(self.scene, rows, table_node.GetName(), table_node)
+        if segmentation_node.GetSegmentation().GetNumberOfSegments():
+            segmentation_node.CreateClosedSurfaceRepresentation()
+        burden = bridge.burden_from_rows(rows)
+        logger.info(
+            "Updated '%s': %d lesion(s), %d PRL(s) after review, %.1f mm³.",
+            segmentation_node.GetName(), len(rows), burden.prl_count, burden.total_volume_mm3,
+        )
+        return LesionReview(segmentation_node, table_node, burden)
+
+    def set_status(self, segmentation_node, lesion_id: int, status: str) -> Burden:
+        """Confirm or reject a lesion (or put it back to candidate); return the new burden."""
+        segment_id = bridge.segment_id_of_lesion(segmentation_node, lesion_id)
+        if segment_id is None:
+            raise InputError(f"Lesion {lesion_id} has no segment any more; press Update burden to refresh the table.")
+        bridge.set_lesion_status(segmentation_node, segment_id, status)
+        table_node = bridge.linked_table(segmentation_node)
+        rows = bridge.rows_from_table(table_node) if table_node else []
+        for row in rows:
+            if int(row["lesion_id"]) == lesion_id:
+                row[bridge.STATUS_COLUMN] = status
+        if table_node is not None:
+            bridge.lesion_table_node(self.scene, rows, table_node.GetName(), table_node)
+        logger.info("Lesion %d is %s.", lesion_id, status)
+        return bridge.burden_from_rows(rows)
+
+    def burden(self, segmentation_node) -> Burden:
+        table_node = bridge.linked_table(segmentation_node)
+        return bridge.burden_from_table(table_node) if table_node else bridge.burden_from_rows([])
+
+    def lesion_center_ras(self, segmentation_node, lesion_id: int) -> tuple[float, float, float] | None:
+        """Where to centre the slice views for a lesion: its centroid, in world RAS."""
+        table_node = bridge.linked_table(segmentation_node)
+        row = next((r for r in bridge.rows_from_table(table_node) if int(r["lesion_id"]) == lesion_id), None) if table_node else None
+        if row is None:
+            segment_id = bridge.segment_id_of_lesion(segmentation_node, lesion_id)
+            return bridge.segment_center_ras(segmentation_node, segment_id) if segment_id else None
+        point = [float(row["centroid_ras_x_mm"]), float(row["centroid_ras_y_mm"]), float(row["centroid_ras_z_mm"])]
+        transform = segmentation_node.GetParentTransformNode()
+        if transform is not None:
+            import vtk
+
+            to_world = vtk.vtkGeneralTransform()
+            transform.GetTransformToWorld(to_world)
+            point = list(to_world.TransformPoint(point))
+        return tuple(point)
+
+    # -- ground truth -------------------------------------------------------------------------------------
+
+    def split_into_lesions(self, mask: np.ndarray, qsm_node, connectivity: int = 26, name: str | None = None) -> LesionReview:
+        """A reviewed segmentation from an annotator's mask: one confirmed segment per connected lesion."""
+        qsm = bridge.geometry_image(qsm_node)
+        labels = find_lesions(np.asarray(mask) > 0, qsm.GetSpacing(), 0.0, connectivity)
+        if not labels.any():
+            raise InputError("The mask is empty on the QSM grid; check that it belongs to this QSM.")
+        segmentation_node = bridge.segmentation_from_labels(
+            self.scene, labels, qsm_node,
+            self.scene.GenerateUniqueName(name or f"{qsm_node.GetName()} ground-truth PRLs"),
+            default_status=bridge.CONFIRMED,
+        )
+        return self.update_burden(segmentation_node)
+
+    def load_ground_truth(self, path: str | Path, qsm_node, connectivity: int = 26) -> LesionReview:
+        """Read a label map or ``.seg.nrrd`` (any grid; resampled onto the QSM) and split it into lesions."""
+        from PRLDetectorLib.segments import read_mask
+
+        if qsm_node is None:
+            raise InputError("Select the QSM the ground truth belongs to first.")
+        mask = read_mask(path, bridge.geometry_image(qsm_node))
+        stem = Path(path).name.split(".")[0]
+        return self.split_into_lesions(mask, qsm_node, connectivity, f"{stem} PRLs")
+
+    def split_segmentation(self, segmentation_node, qsm_node, connectivity: int = 26) -> LesionReview:
+        """Split every segment of an existing segmentation (e.g. a ground truth drawn as one segment)."""
+        labels = bridge.labels_from_segmentation(segmentation_node, qsm_node)
+        return self.split_into_lesions(labels, qsm_node, connectivity, f"{segmentation_node.GetName()} lesions")
+
+    # -- sample data -------------------------------------------------------------------------------------------
+
+    def load_phantom_case(
+        self, folder: str | Path, seed: int = 0, with_flair: bool = True, extent_mm: float | None = None,
+        case_id: str = "PRLPhantom",
+    ) -> PhantomNodes:
+        """Load a phantom case with known PRLs, generated on this computer the first time (nothing is downloaded)."""
+        from PRLDetectorLib.images import read_image
+        from PRLDetectorLib.phantom import generate_case, write_case
+
+        case_dir = Path(folder) / case_id
+        if not (case_dir / "truth.json").is_file():
+            logger.info("Generating the phantom case '%s' (seed %d) in %s", case_id, seed, case_dir)
+            if case_dir.exists():
+                shutil.rmtree(case_dir)
+            write_case(generate_case(case_id, seed, with_flair=with_flair, extent_mm=extent_mm), Path(folder))
+        qsm_node = bridge.add_volume_node(self.scene, read_image(case_dir / "qsm.nii.gz", "QSM"), f"{case_id} QSM")
+        flair_node = None
+        if (case_dir / "flair.nii.gz").is_file():
+            flair_node = bridge.add_volume_node(self.scene, read_image(case_dir / "flair.nii.gz", "FLAIR"), f"{case_id} FLAIR")
+        truth = json.loads((case_dir / "truth.json").read_text())
+        logger.info("Phantom '%s': %d PRL(s); ground truth in %s", case_id, truth.get("prl_count", 0), case_dir / "gt_prl.nii.gz")
+        return PhantomNodes(qsm_node, flair_node, case_dir / "gt_prl.nii.gz", truth)
+
+    # -- export ---------------------------------------------------------------------------------------------
+
+    def export(self, segmentation_node, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+        """Write lesions.csv, burden.json, prl.seg.nrrd and prl_labels.nii.gz of the review as it is now.
+
+        The burden is updated first, so the files agree with the segments. The label map holds the lesions
+        the reader did not reject, valued by lesion id; the table and the ``.seg.nrrd`` keep every lesion with
+        its status.
+        """
+        out_dir = Path(out_dir)
+        paths = {name: out_dir / name for name in EXPORT_FILES}
+        existing = [p.name for p in paths.values() if p.exists()]
+        if existing and not overwrite:
+            raise InputError(f"'{out_dir}' already holds {', '.join(existing)}; choose another folder or allow overwriting.")
+        review = self.update_burden(segmentation_node)
+        qsm_node = self._reference(segmentation_node)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = bridge.rows_from_table(review.table_node)
+
+        _write_rows_csv(paths["lesions.csv"], rows)
+        kept = [s for s in bridge.lesion_segments(segmentation_node) if s.status != bridge.REJECTED]
+        values = bridge.labels_from_segmentation(segmentation_node, qsm_node, [s.segment_id for s in kept])
+        lookup = np.array([0] + [s.lesion_id for s in kept], dtype=np.uint16)
+        label_image = sitk.GetImageFromArray(lookup[values])
+        label_image.CopyInformation(bridge.geometry_image(qsm_node))
+        sitk.WriteImage(label_image, str(paths["prl_labels.nii.gz"]), True)
+        bridge.write_segmentation_file(segmentation_node, paths["prl.seg.nrrd"])
+        record = {
+            "burden": review.burden.to_dict(),
+            "lesion_ids": [int(r["lesion_id"]) for r in rows if r[bridge.STATUS_COLUMN] != bridge.REJECTED],
+            "rejected_lesion_ids": [int(r["lesion_id"]) for r in rows if r[bridge.STATUS_COLUMN] == bridge.REJECTED],
+            "confirmed_lesion_ids": [int(r["lesion_id"]) for r in rows if r[bridge.STATUS_COLUMN] == bridge.CONFIRMED],
+            "reviewed_in": "3D Slicer (PRL Detector)",
+            "qsm": qsm_node.GetName(),
+            "segmentation": segmentation_node.GetName(),
+            "settings": _json_attribute(segmentation_node, SETTINGS_ATTRIBUTE),
+            "model": _json_attribute(segmentation_node, MODEL_ATTRIBUTE),
+        }
+        paths["burden.json"].write_text(json.dumps(record, indent=2))
+        logger.info("Exported the review of '%s' to %s", segmentation_node.GetName(), out_dir)
+        return paths
+
+    def add_training_case(self, segmentation_node, dataset_dir: str | Path, flair_node=None, case_id: str | None = None) -> str:
+        """Add the QSM (+FLAIR) and the reviewed mask (rejected lesions left out) to an nnU-Net raw dataset."""
+        from PRLDetectorLib.dataset import add_case
+
+        qsm_node = self._reference(segmentation_node)
+        kept = [s.segment_id for s in bridge.lesion_segments(segmentation_node) if s.status != bridge.REJECTED]
+        mask = (bridge.labels_from_segmentation(segmentation_node, qsm_node, kept) > 0).astype(np.uint8)
+        qsm = bridge.image_from_volume_node(qsm_node)
+        flair = bridge.image_from_volume_node(flair_node) if flair_node is not None else None
+        return add_case(dataset_dir, qsm, mask, flair, case_id)
+
+
+def _same_voxels(old: Mapping[str, object], new: Mapping[str, object]) -> bool:
+    keys = ("voxels", "bbox_min_i", "bbox_min_j", "bbox_min_k", "bbox_max_i", "bbox_max_j", "bbox_max_k")
+    if any(int(old.get(k, -1)) != int(new[k]) for k in keys):
+        return False
+    centroid = ("centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm")
+    return all(abs(float(old.get(k, math.nan)) - float(new[k])) < 1e-6 for k in centroid)
+
+
+def _format_cell(value: object) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(round(value, 6))
+    return str(value)
+
+
+def _write_rows_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
+    """The lesions.csv layout (NaN as an empty cell) with the reader's status as the last column."""
+    with path.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=bridge.CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({column: _format_cell(row.get(column, "")) for column in bridge.CSV_COLUMNS})
+
+
+def _json_attribute(node, name: str):
+    text = node.GetAttribute(name)
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None

@@ -1,0 +1,274 @@
+"""Training a PRL model with nnU-Net v2 itself: raw dataset → nnU-Net planning and preprocessing → nnU-Net's
+trainer → an exported model folder with a model card.
+
+Two plans: nnU-Net's default plan (for a GPU) and a small CPU plan derived from it (patch 48³, features
+16-32-64-128, batch 2; ~0.65 s per iteration on 2 CPU cores against ~17 s for the default plan). Both
+share nnU-Net's preprocessed data, so the small plan costs no extra preprocessing.
+
+nnU-Net reads its folders from ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results``. Training runs in
+the ``prl-detect train`` process (never inside Slicer), which sets them for itself before nnU-Net uses them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from PRLDetectorLib.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+SMALL_PLANS = "nnUNetSmallPlans"
+DEFAULT_PLANS = "nnUNetPlans"
+CONFIGURATION = "3d_fullres"
+
+
+@dataclass(frozen=True)
+class TrainingFolders:
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "nnUNet_raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "nnUNet_preprocessed"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "nnUNet_results"
+
+    def activate(self) -> None:
+        """Point nnU-Net at these folders (this process only: the training CLI, not a host application)."""
+        for name, path in (("nnUNet_raw", self.raw), ("nnUNet_preprocessed", self.preprocessed),
+                           ("nnUNet_results", self.results)):
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ[name] = str(path)
+
+
+def dataset_name(dataset_id: int, name: str) -> str:
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
+def build_raw_dataset(cases_dir: Path, raw_dataset_dir: Path, with_flair: bool) -> int:
+    """Turn case folders (``qsm.nii.gz`` [+ ``flair.nii.gz``] + ``gt_prl.nii.gz`` or ``prl_labels.nii.gz``
+    or ``*.seg.nrrd``) into an nnU-Net raw dataset. Returns the number of cases."""
+    from PRLDetectorLib.dataset import add_case_files
+
+    cases = sorted(p for p in Path(cases_dir).iterdir() if p.is_dir() and (p / "qsm.nii.gz").is_file())
+    if not cases:
+        raise InputError(f"'{cases_dir}' holds no case folders with a qsm.nii.gz; give a folder of cases.")
+    if raw_dataset_dir.exists():
+        raise InputError(f"The raw dataset '{raw_dataset_dir}' exists already; remove it or use another dataset id.")
+    for case in cases:
+        mask = next((case / n for n in ("gt_prl.nii.gz", "prl_labels.nii.gz") if (case / n).is_file()), None)
+        mask = mask or next(iter(sorted(case.glob("*.seg.nrrd"))), None)
+        if mask is None:
+            raise InputError(f"The case '{case.name}' has no PRL mask (gt_prl.nii.gz, prl_labels.nii.gz or .seg.nrrd).")
+        flair = case / "flair.nii.gz"
+        if with_flair and not flair.is_file():
+            raise InputError(f"The case '{case.name}' has no flair.nii.gz but a QSM + FLAIR model was asked for.")
+        add_case_files(raw_dataset_dir, case / "qsm.nii.gz", mask, flair if with_flair else None, case.name)
+    return len(cases)
+
+
+def small_cpu_plans(plans: dict) -> dict:
+    """The small CPU plan: nnU-Net's 3d_fullres with a 48³ patch and a 4-stage 16-32-64-128 U-Net."""
+    small = copy.deepcopy(plans)
+    small["plans_name"] = SMALL_PLANS
+    config = small["configurations"][CONFIGURATION]
+    config["patch_size"] = [48, 48, 48]
+    config["batch_size"] = 2
+    arch = config["architecture"]["arch_kwargs"]
+    arch["n_stages"] = 4
+    arch["features_per_stage"] = [16, 32, 64, 128]
+    arch["kernel_sizes"] = [[3, 3, 3]] * 4
+    arch["strides"] = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    arch["n_conv_per_stage"] = [2] * 4
+    arch["n_conv_per_stage_decoder"] = [2] * 3
+    # The preprocessed data stays nnU-Net's 3d_fullres data (same spacing and normalisation).
+    config["data_identifier"] = plans["configurations"][CONFIGURATION]["data_identifier"]
+    small["configurations"] = {CONFIGURATION: config}
+    return small
+
+
+def plan_and_preprocess(folders: TrainingFolders, dataset_id: int, processes: int = 2) -> Path:
+    """nnU-Net's fingerprint, default planning and 3d_fullres preprocessing, then the small plan beside it."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+        preprocess,
+    )
+
+    extract_fingerprints([dataset_id], num_processes=processes, check_dataset_integrity=True, verbose=False)
+    plan_experiments([dataset_id])
+    preprocess([dataset_id], DEFAULT_PLANS, configurations=(CONFIGURATION,), num_processes=(processes,), verbose=False)
+    preprocessed = next(folders.preprocessed.glob(f"Dataset{dataset_id:03d}_*"))
+    plans = json.loads((preprocessed / f"{DEFAULT_PLANS}.json").read_text(encoding="utf-8"))
+    (preprocessed / f"{SMALL_PLANS}.json").write_text(json.dumps(small_cpu_plans(plans), indent=2), encoding="utf-8")
+    return preprocessed
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(
+    folders: TrainingFolders, dataset_id: int, plans_name: str, epochs: int, iterations_per_epoch: int,
+    val_iterations: int, fold: int | str = 0, seed: int = 0, device: str = "auto",
+):
+    """Train with nnU-Net's own ``nnUNetTrainer`` through its Python API; returns the trainer."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from PRLDetectorLib.inference import pick_device
+
+    preprocessed = next(folders.preprocessed.glob(f"Dataset{dataset_id:03d}_*"))
+    plans = json.loads((preprocessed / f"{plans_name}.json").read_text(encoding="utf-8"))
+    plans["continue_training"] = False  # nnU-Net's run_training entry point sets this; the API does not
+    dataset = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
+    seed_everything(seed)
+    trainer = nnUNetTrainer(plans, CONFIGURATION, fold, dataset, device=pick_device(device))
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = val_iterations
+    trainer.save_every = 5
+    trainer.run_training()
+    return trainer
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_model(trainer_dir: Path, fold: int | str, destination: Path, card: dict, checkpoint: str = "checkpoint_final.pth") -> Path:
+    """Write an inference-only nnU-Net model folder: no optimizer state, ``trainer_name`` = nnUNetTrainer
+    (so nnU-Net finds the class without importing every trainer module), plus ``model.json``."""
+    import torch
+
+    if destination.exists():
+        raise InputError(f"The model folder '{destination}' exists already; remove it or choose another.")
+    source = torch.load(trainer_dir / f"fold_{fold}" / checkpoint, map_location="cpu", weights_only=False)
+    stripped = {
+        "network_weights": {k: v.float() for k, v in source["network_weights"].items()},
+        "init_args": {k: v for k, v in source["init_args"].items() if k in ("configuration", "fold")},
+        "trainer_name": "nnUNetTrainer",
+        "inference_allowed_mirroring_axes": source.get("inference_allowed_mirroring_axes"),
+        "current_epoch": source.get("current_epoch"),
+    }
+    staging = destination.with_name(f".{destination.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / f"fold_{fold}").mkdir(parents=True)
+    torch.save(stripped, staging / f"fold_{fold}" / "checkpoint_final.pth")
+    for name in ("dataset.json", "plans.json"):
+        shutil.copy2(trainer_dir / name, staging / name)
+    card = dict(card)
+    card["checkpoint_sha256"] = sha256_of(staging / f"fold_{fold}" / "checkpoint_final.pth")
+    card["epochs_trained"] = source.get("current_epoch")
+    (staging / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    staging.rename(destination)
+    size_mb = sum(p.stat().st_size for p in destination.rglob("*") if p.is_file()) / 1e6
+    logger.info("Exported %s (%.1f MB)", destination, size_mb)
+    return destination
+
+
+def training_curve(trainer_dir: Path, fold: int | str = 0) -> list[dict]:
+    """Per-epoch train loss, validation loss and pseudo-Dice from nnU-Net's checkpoint log."""
+    import torch
+
+    checkpoint = torch.load(trainer_dir / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    log = checkpoint["logging"]
+    keys = ("train_losses", "val_losses", "ema_fg_dice", "dice_per_class_or_region")
+    n = len(log.get("train_losses", []))
+    rows = []
+    for epoch in range(n):
+        row = {"epoch": epoch}
+        for key in keys:
+            values = log.get(key, [])
+            if epoch < len(values):
+                value = values[epoch]
+                row[key] = [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+        rows.append(row)
+    return rows
+
+
+def run_training_job(
+    cases_dir: Path, work_dir: Path, model_out: Path, name: str, with_flair: bool, dataset_id: int,
+    small: bool, epochs: int, iterations_per_epoch: int, val_iterations: int, seed: int, device: str,
+    fold: int | str = 0, description: str = "",
+) -> Path:
+    """The whole ``prl-detect train``: dataset, planning, training, export. Returns the model folder."""
+    if model_out.exists():
+        raise InputError(f"The model folder '{model_out}' exists already; remove it or choose another.")
+    folders = TrainingFolders(work_dir)
+    folders.activate()
+    started = time.time()
+    raw = folders.raw / dataset_name(dataset_id, name)
+    n_cases = build_raw_dataset(cases_dir, raw, with_flair)
+    logger.info("Raw dataset %s: %d cases", raw, n_cases)
+    plan_and_preprocess(folders, dataset_id)
+    plans_name = SMALL_PLANS if small else DEFAULT_PLANS
+    trainer = train(folders, dataset_id, plans_name, epochs, iterations_per_epoch, val_iterations, fold, seed, device)
+    trainer_dir = Path(trainer.output_folder_base)
+    minutes = (time.time() - started) / 60
+    curve = training_curve(trainer_dir, fold)
+    from PRLDetectorLib import __version__
+
+    card = {
+        "name": name,
+        "title": "QSM + FLAIR" if with_flair else "QSM only",
+        "version": __version__,
+        "channels": ["QSM", "FLAIR"] if with_flair else ["QSM"],
+        "description": description or "PRL (whole lesion) segmentation, nnU-Net v2 3d_fullres",
+        "plans": plans_name,
+        "trained_on": {"cases_dir": str(cases_dir), "cases": n_cases, "fold": fold, "seed": seed},
+        "training": {
+            "epochs": epochs, "iterations_per_epoch": iterations_per_epoch, "wall_minutes": round(minutes, 1),
+            "final_ema_pseudo_dice": curve[-1].get("ema_fg_dice") if curve else None,
+            "device": device, "cpu_count": os.cpu_count(),
+        },
+        "orientation": _training_orientation(raw),
+    }
+    model = export_model(trainer_dir, fold, model_out, card)
+    write_training_curve(curve, model / "training_curve.csv")
+    return model
+
+
+def write_training_curve(curve: list[dict], path: Path) -> None:
+    """The per-epoch figures of the training log, kept beside the model (a few KB)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "train_loss", "val_loss", "ema_pseudo_dice"])
+        for row in curve:
+            writer.writerow([row["epoch"], f"{row.get('train_losses', float('nan')):.4f}",
+                             f"{row.get('val_losses', float('nan')):.4f}", f"{row.get('ema_fg_dice', float('nan')):.4f}"])
+
+
+def _training_orientation(raw_dataset_dir: Path) -> str:
+    import SimpleITK as sitk
+
+    first = next(iter(sorted((raw_dataset_dir / "imagesTr").glob("*_0000.nii.gz"))))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(first))
+    reader.ReadImageInformation()
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reader.GetDirection())

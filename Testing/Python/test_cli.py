@@ -1,0 +1,266 @@
+"""`prl-detect` end to end: real files, a real nnU-Net model, every bad input of the list.
+
+Bad input must give one sentence on stderr, exit code 2, no traceback and no output folder; an existing
+result is never overwritten without --overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import require_model
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "PRLDetectorLib", "-q", *map(str, args)], capture_output=True, text=True, timeout=900
+    )
+
+
+def assert_refused(done: subprocess.CompletedProcess, phrase: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("prl-detect: error: "), done.stderr
+    assert phrase in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def detected(small_case, tmp_path_factory) -> Path:
+    require_model("qsm")
+    out = tmp_path_factory.mktemp("detect") / "result"
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--out", out, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "PRLs:" in done.stdout
+    return out
+
+
+def test_detect_writes_the_four_result_files_and_nothing_else(detected):
+    assert sorted(p.name for p in detected.iterdir()) == sorted(
+        ["prl_labels.nii.gz", "prl.seg.nrrd", "lesions.csv", "burden.json"]
+    )
+    assert not list(detected.parent.glob(".*partial*"))
+
+
+def test_the_label_map_is_exactly_on_the_qsm_grid(detected, small_case):
+    qsm = sitk.ReadImage(str(small_case / "qsm.nii.gz"))
+    labels = sitk.ReadImage(str(detected / "prl_labels.nii.gz"))
+    assert labels.GetPixelID() == sitk.sitkUInt16
+    assert labels.GetSize() == qsm.GetSize()
+    assert labels.GetSpacing() == pytest.approx(qsm.GetSpacing(), abs=1e-6)
+    assert labels.GetOrigin() == pytest.approx(qsm.GetOrigin(), abs=1e-5)
+    assert labels.GetDirection() == pytest.approx(qsm.GetDirection(), abs=1e-6)
+
+
+def test_the_prls_of_the_phantom_are_found(detected, small_case):
+    truth = json.loads((small_case / "truth.json").read_text())
+    gt = sitk.GetArrayFromImage(sitk.ReadImage(str(small_case / "gt_instances.nii.gz")))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(detected / "prl_labels.nii.gz")))
+    prl_ids = [lesion["id"] for lesion in truth["lesions"] if lesion["class"] == "prl"]
+    assert len(prl_ids) == 3
+    hit = [bool((labels[gt == i] > 0).any()) for i in prl_ids]
+    assert sum(hit) >= 2, f"PRLs found: {hit}"
+    mimics = [lesion["id"] for lesion in truth["lesions"] if lesion["class"] == "microbleed"]
+    assert not any((labels[gt == i] > 0).mean() > 0.5 for i in mimics), "a microbleed was called a PRL"
+
+
+def test_segments_table_and_label_ids_agree(detected):
+    import slicerio
+
+    from PRLDetectorLib.features import LESION_COLUMNS, read_lesions_csv
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(detected / "prl_labels.nii.gz")))
+    ids = sorted(int(i) for i in np.unique(labels) if i)
+    rows = read_lesions_csv(detected / "lesions.csv")
+    assert [row["lesion_id"] for row in rows] == ids
+    assert list(rows[0].keys()) == list(LESION_COLUMNS) if rows else True
+    for row in rows:
+        assert row["voxels"] == int((labels == row["lesion_id"]).sum())
+    segmentation = slicerio.read_segmentation(str(detected / "prl.seg.nrrd"))
+    assert [s["name"] for s in segmentation["segments"]] == [f"PRL {i}" for i in ids]
+    voxels = np.asarray(segmentation["voxels"]).transpose(2, 1, 0)
+    for segment in segmentation["segments"]:
+        lesion_id = int(segment["name"].split()[1])
+        assert np.array_equal(voxels == segment["labelValue"], labels == lesion_id)
+    colors = {tuple(s["color"]) for s in segmentation["segments"]}
+    assert len(colors) == len(ids)
+
+
+def test_burden_json_records_the_burden_model_settings_and_checksums(detected, small_case):
+    import hashlib
+
+    record = json.loads((detected / "burden.json").read_text())
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(detected / "prl_labels.nii.gz")))
+    assert record["burden"]["prl_count"] == int(labels.max())
+    assert record["burden"]["positive_ge1"] == (labels.max() >= 1)
+    assert record["model"]["name"] == "qsm"
+    assert record["settings"]["threshold"] == 0.5
+    sha = hashlib.sha256((small_case / "qsm.nii.gz").read_bytes()).hexdigest()
+    assert record["inputs"]["qsm"]["sha256"] == sha
+    assert record["software"]["nnunetv2"]
+    tiles = record["network_tiles"]
+    assert 0 < tiles["run"] <= tiles["total"]
+
+
+def test_an_existing_result_is_not_overwritten_without_overwrite(detected, small_case):
+    before = (detected / "burden.json").read_bytes()
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--out", detected)
+    assert_refused(done, "exists")
+    assert (detected / "burden.json").read_bytes() == before
+
+
+def test_overwrite_refuses_a_folder_the_tool_did_not_write(tmp_path, small_case):
+    mine = tmp_path / "my_notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--out", mine, "--overwrite")
+    assert_refused(done, "not a PRLDetector result")
+    assert (mine / "notes.txt").read_text() == "precious"
+
+
+def _qsm_variant(small_case: Path, tmp_path: Path, change) -> Path:
+    image = sitk.ReadImage(str(small_case / "qsm.nii.gz"))
+    values = change(sitk.GetArrayFromImage(image))
+    out = sitk.GetImageFromArray(values.astype(np.float32))
+    out.CopyInformation(image)
+    path = tmp_path / "bad_qsm.nii.gz"
+    sitk.WriteImage(out, str(path))
+    return path
+
+
+def _with_nan_inside(values):
+    centre = tuple(s // 2 for s in values.shape)
+    values[centre] = np.nan
+    return values
+
+
+@pytest.mark.parametrize(
+    "make, phrase",
+    [
+        (lambda case, tmp: (tmp / "x.nii.gz").write_text("not an image") or tmp / "x.nii.gz", "not an image"),
+        (lambda case, tmp: _truncated(case, tmp), "truncated"),
+        (lambda case, tmp: _write_array(tmp, np.ones((30, 30), np.float32)), "2D"),
+        (lambda case, tmp: _write_4d(case, tmp), "4D with 2 volumes"),
+        (lambda case, tmp: _qsm_variant(case, tmp, _with_nan_inside), "NaN or infinite voxels inside the head"),
+        (lambda case, tmp: _qsm_variant(case, tmp, np.zeros_like), "all zero"),
+        (lambda case, tmp: _qsm_variant(case, tmp, lambda v: v * 1000), "ppb"),
+    ],
+    ids=["not-an-image", "truncated", "2d", "4d", "nan-inside", "all-zero", "ppb"],
+)
+def test_bad_qsm_is_refused_with_one_sentence_and_no_output(tmp_path, small_case, make, phrase):
+    require_model("qsm")
+    path = make(small_case, tmp_path)
+    out = tmp_path / "out"
+    done = run_cli("detect", "--qsm", path, "--out", out)
+    assert_refused(done, phrase)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_nan_outside_the_head_is_accepted(tmp_path, small_case):
+    require_model("qsm")
+    path = _qsm_variant(small_case, tmp_path, lambda v: np.where(v == 0, np.nan, v))
+    done = run_cli("detect", "--qsm", path, "--out", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "out" / "burden.json").read_text())
+    assert record["input_checks"]["qsm"]["nonfinite_outside_head"] > 0
+
+
+def _truncated(case: Path, tmp: Path) -> Path:
+    data = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "qsm.nii.gz")))
+    path = tmp / "cut.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(data), str(path))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) * 2 // 3])
+    return path
+
+
+def _write_array(tmp: Path, values: np.ndarray) -> Path:
+    path = tmp / "array.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    return path
+
+
+def _write_4d(case: Path, tmp: Path) -> Path:
+    image = sitk.ReadImage(str(case / "qsm.nii.gz"))
+    path = tmp / "echoes.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([image, image]), str(path))
+    return path
+
+
+def test_a_flair_that_does_not_overlap_the_qsm_is_refused(tmp_path, small_case):
+    require_model("qsm_flair")
+    flair = sitk.ReadImage(str(small_case / "flair.nii.gz"))
+    flair.SetOrigin((flair.GetOrigin()[0] + 400.0, *flair.GetOrigin()[1:]))
+    path = tmp_path / "far_flair.nii.gz"
+    sitk.WriteImage(flair, str(path))
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--flair", path, "--model", "qsm_flair",
+                   "--out", tmp_path / "out")
+    assert_refused(done, "does not overlap the QSM")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_an_nnunet_model_is_refused(tmp_path, small_case):
+    fake = tmp_path / "not_a_model"
+    fake.mkdir()
+    (fake / "weights.bin").write_bytes(b"\0" * 10)
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--model", fake, "--out", tmp_path / "out")
+    assert_refused(done, "not an nnU-Net v2 model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_whose_channels_do_not_match_the_inputs_is_refused(tmp_path, small_case):
+    require_model("qsm")
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--flair", small_case / "flair.nii.gz",
+                   "--model", "qsm", "--out", tmp_path / "out")
+    assert_refused(done, "takes QSM but QSM + FLAIR was given")
+    require_model("qsm_flair")
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--model", "qsm_flair", "--out", tmp_path / "out")
+    assert_refused(done, "add --flair")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_exists_is_refused_before_any_work(tmp_path, small_case):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "burden.json").write_text("{}")
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--out", out)
+    assert_refused(done, "exists")
+    assert (out / "burden.json").read_text() == "{}"
+
+
+def test_bad_settings_are_refused(tmp_path, small_case):
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--out", tmp_path / "o", "--threshold", "1.5")
+    assert_refused(done, "Threshold 1.5")
+
+
+def test_progress_lines_report_increasing_fractions_for_the_slicer_panel(tmp_path, small_case):
+    require_model("qsm")
+    done = subprocess.run(
+        [sys.executable, "-m", "PRLDetectorLib", "detect", "--qsm", str(small_case / "qsm.nii.gz"),
+         "--out", str(tmp_path / "out"), "--progress-lines"], capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr
+    fractions = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PRLDETECTOR_PROGRESS")]
+    assert len(fractions) > 5
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
+
+
+def test_evaluate_prints_the_papers_figures_for_a_detection(detected, small_case, tmp_path):
+    pred = tmp_path / "pred" / small_case.name
+    shutil.copytree(detected, pred)
+    done = run_cli("evaluate", "--gt", small_case.parent, "--pred", pred.parent, "--json", tmp_path / "eval.json")
+    assert done.returncode == 0, done.stderr
+    assert "%" in done.stdout and "(" in done.stdout
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["evaluation"]

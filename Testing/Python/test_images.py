@@ -1,0 +1,152 @@
+"""Reading and validating inputs with real SimpleITK files."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.images import read_image, same_grid, validate_flair, validate_qsm
+
+
+def _brain_like(shape=(20, 24, 22), value=0.05, seed=0) -> np.ndarray:
+    """A QSM-like map: an ellipsoid of small ppm values, zero outside."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape)
+    c = [(s - 1) / 2 for s in shape]
+    inside = ((z - c[0]) / (shape[0] * 0.4)) ** 2 + ((y - c[1]) / (shape[1] * 0.4)) ** 2 + ((x - c[2]) / (shape[2] * 0.4)) ** 2 <= 1
+    return np.where(inside, rng.normal(0, value, shape), 0).astype(np.float32)
+
+
+def _write(array: np.ndarray, path, spacing=(1.0, 1.0, 1.0)) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_reads_nifti_nrrd_and_mha_with_the_same_values_and_geometry(tmp_path, suffix):
+    values = _brain_like()
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((0.8, 0.9, 1.1))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    path = tmp_path / f"qsm{suffix}"
+    sitk.WriteImage(image, str(path))
+    read = read_image(path, "QSM")
+    assert read.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_allclose(read.GetSpacing(), (0.8, 0.9, 1.1), atol=1e-5)
+    np.testing.assert_allclose(read.GetOrigin(), (10.0, -20.0, 30.0), atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), values)
+
+
+def test_reads_a_dicom_series_folder(tmp_path):
+    values = (_brain_like() * 1000).astype(np.int16)
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1"
+    for k in range(values.shape[0]):
+        slice_ = image[:, :, k]
+        slice_.SetMetaData("0020|000e", series_uid)
+        slice_.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        slice_.SetMetaData("0020|0013", str(k))
+        slice_.SetMetaData("0008|0060", "MR")
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(slice_)
+    read = read_image(folder, "QSM")
+    assert read.GetSize() == image.GetSize()
+    np.testing.assert_allclose(read.GetSpacing()[2], 2.0, atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), values.astype(np.float32))
+
+
+def test_a_file_that_is_not_an_image_is_named_as_such(tmp_path):
+    path = tmp_path / "notes.nii.gz"
+    path.write_text("these are my notes, not an image")
+    with pytest.raises(InputError, match="not an image"):
+        read_image(path, "QSM")
+
+
+def test_a_truncated_file_is_called_truncated(tmp_path):
+    path = tmp_path / "qsm.nii"
+    _write(_brain_like((40, 40, 40)), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated"):
+        read_image(path, "QSM")
+
+
+def test_a_truncated_gzip_file_is_refused(tmp_path):
+    path = tmp_path / "qsm.nii.gz"
+    _write(_brain_like((40, 40, 40)), path)
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(data)[:-2000])
+    with pytest.raises(InputError):
+        read_image(path, "QSM")
+
+
+def test_2d_and_4d_images_are_refused(tmp_path):
+    flat = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 20), np.float32)), str(flat))
+    with pytest.raises(InputError, match="2D"):
+        read_image(flat, "QSM")
+    echoes = tmp_path / "echoes.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(_brain_like())] * 3), str(echoes))
+    with pytest.raises(InputError, match="4D with 3 volumes"):
+        read_image(echoes, "QSM")
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_image(tmp_path / "nope.nii.gz", "FLAIR")
+
+
+def test_nan_outside_the_head_is_read_as_zero_and_reported():
+    values = _brain_like()
+    values[values == 0] = np.nan
+    image, check = validate_qsm(sitk.GetImageFromArray(values))
+    cleaned = sitk.GetArrayFromImage(image)
+    assert np.isfinite(cleaned).all()
+    assert check.nonfinite_outside_head == int(np.isnan(values).sum()) > 0
+    assert cleaned[np.isnan(values)].max() == 0
+
+
+def test_nan_inside_the_head_is_refused():
+    values = _brain_like()
+    values[10, 12, 11] = np.nan
+    with pytest.raises(InputError, match="1 NaN or infinite voxels inside the head"):
+        validate_qsm(sitk.GetImageFromArray(values))
+
+
+def test_inf_inside_the_head_is_refused():
+    values = _brain_like()
+    values[9:11, 12, 11] = np.inf
+    with pytest.raises(InputError, match="2 NaN or infinite"):
+        validate_qsm(sitk.GetImageFromArray(values))
+
+
+def test_an_all_zero_volume_is_refused():
+    with pytest.raises(InputError, match="all zero"):
+        validate_qsm(sitk.GetImageFromArray(np.zeros((10, 10, 10), np.float32)))
+    with pytest.raises(InputError, match="all zero"):
+        validate_flair(sitk.GetImageFromArray(np.zeros((10, 10, 10), np.float32)))
+
+
+def test_qsm_in_ppb_is_refused_and_the_same_map_in_ppm_is_accepted():
+    ppm = _brain_like(value=0.08)
+    validate_qsm(sitk.GetImageFromArray(ppm))
+    with pytest.raises(InputError, match="ppb"):
+        validate_qsm(sitk.GetImageFromArray(ppm * 1000))
+
+
+def test_same_grid_tells_a_shifted_origin_apart():
+    a = sitk.Image(5, 5, 5, sitk.sitkFloat32)
+    b = sitk.Image(a)
+    assert same_grid(a, b)
+    b.SetOrigin((0.0, 0.0, 0.5))
+    assert not same_grid(a, b)

@@ -1,0 +1,349 @@
+"""The MRML bridge on slicer-core's real MRML scene: volumes, segments and the lesion table."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+import slicerio
+import vtk
+
+from PRLDetectorLib import mrml_bridge as bridge
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.features import LESION_COLUMNS, measure_lesions
+from PRLDetectorLib.phantom import generate_case
+from PRLDetectorLib.segments import PRL_TERMINOLOGY, segment_color
+
+
+def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+@pytest.fixture(scope="module")
+def oblique_case():
+    """A small phantom whose grid is made oblique and anisotropic, with its lesion instances as 'detection'."""
+    case = generate_case("bridge", seed=3, extent_mm=48, n_prl=3)
+    qsm = sitk.Image(case.qsm)
+    qsm.SetSpacing((0.9, 1.1, 1.3))
+    qsm.SetOrigin((12.5, -30.25, 7.75))
+    qsm.SetDirection(tuple(_rotation(0.2, -0.15, 0.35).ravel()))
+    labels = sitk.GetArrayFromImage(case.gt_instances).astype(np.uint16)
+    assert len(np.unique(labels)) > 3, "the phantom should hold several lesions"
+    return qsm, labels
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def qsm_node(scene, oblique_case):
+    return bridge.add_volume_node(scene, oblique_case[0], "Phantom QSM")
+
+
+def _ids(labels: np.ndarray) -> list[int]:
+    return [int(i) for i in np.unique(labels) if i]
+
+
+# -- volumes ------------------------------------------------------------------------------------------------
+
+
+def test_a_volume_node_round_trip_keeps_voxels_and_oblique_geometry_exactly(scene, oblique_case):
+    image = oblique_case[0]
+    node = bridge.add_volume_node(scene, image, "QSM")
+    back = bridge.image_from_volume_node(node)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    assert back.GetSpacing() == image.GetSpacing()
+    assert back.GetOrigin() == image.GetOrigin()
+    assert back.GetDirection() == image.GetDirection()
+    assert back.GetPixelID() == image.GetPixelID()
+
+
+def test_slicer_places_every_voxel_where_simpleitk_does_in_lps(scene, oblique_case):
+    image = oblique_case[0]
+    node = bridge.add_volume_node(scene, image, "QSM")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    size = image.GetSize()
+    for index in itertools.product((0, size[0] - 1), (0, size[1] - 1), (0, size[2] - 1)):
+        ras = ijk_to_ras.MultiplyPoint((*index, 1.0))[:3]
+        lps = image.TransformIndexToPhysicalPoint(index)
+        assert np.allclose((-ras[0], -ras[1], ras[2]), lps, atol=1e-9)
+
+
+def test_a_label_map_node_keeps_its_integer_type(scene, oblique_case):
+    qsm, labels = oblique_case
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(qsm)
+    node = bridge.add_volume_node(scene, image, "labels", labelmap=True)
+    assert node.IsA("vtkMRMLLabelMapVolumeNode")
+    back = bridge.image_from_volume_node(node)
+    assert back.GetPixelID() == sitk.sitkUInt16
+    assert np.array_equal(sitk.GetArrayFromImage(back), labels)
+
+
+def test_geometry_image_has_the_volume_grid(qsm_node, oblique_case):
+    reference = bridge.geometry_image(qsm_node)
+    qsm = oblique_case[0]
+    assert reference.GetSize() == qsm.GetSize()
+    assert reference.GetSpacing() == qsm.GetSpacing()
+    assert reference.GetOrigin() == qsm.GetOrigin()
+    assert reference.GetDirection() == qsm.GetDirection()
+
+
+def test_an_empty_volume_node_is_an_input_error(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(InputError, match="no voxels"):
+        bridge.image_from_volume_node(node)
+
+
+# -- segments -------------------------------------------------------------------------------------------------
+
+
+def test_labels_become_one_named_coloured_lesion_segment_per_id(scene, qsm_node, oblique_case):
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "Phantom QSM PRLs")
+    ids = _ids(labels)
+    lesions = bridge.lesion_segments(segmentation)
+    assert [s.segment_id for s in lesions] == [f"PRL_{i}" for i in ids]
+    assert [s.name for s in lesions] == [f"PRL {i}" for i in ids]
+    assert [s.lesion_id for s in lesions] == ids
+    assert {s.status for s in lesions} == {bridge.CANDIDATE}
+    colours = []
+    for lesion_id in ids:
+        segment = segmentation.GetSegmentation().GetSegment(f"PRL_{lesion_id}")
+        colours.append(segment.GetColor())
+        assert np.allclose(segment.GetColor(), segment_color(lesion_id))
+        assert segment.GetTerminology() == PRL_TERMINOLOGY
+    for a, b in itertools.combinations(colours, 2):
+        assert np.abs(np.subtract(a, b)).max() > 0.05, "two lesions share a colour"
+
+
+def test_the_segmentation_takes_the_qsm_as_reference_and_shows_in_3d(scene, qsm_node, oblique_case):
+    segmentation = bridge.segmentation_from_labels(scene, oblique_case[1], qsm_node, "PRLs")
+    assert bridge.reference_volume(segmentation) is qsm_node
+    geometry = slicer.vtkOrientedImageData()
+    conversion = segmentation.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    )
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(conversion, geometry)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    qsm_node.GetIJKToRASMatrix(ijk_to_ras)
+    expected = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(expected)
+    assert np.allclose(slicer.util.arrayFromVTKMatrix(expected), slicer.util.arrayFromVTKMatrix(ijk_to_ras))
+    assert segmentation.GetSegmentation().ContainsRepresentation(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    )
+    display = segmentation.GetDisplayNode()
+    assert display.GetVisibility3D() and display.GetVisibility2DFill()
+
+
+def test_segments_export_back_to_the_same_label_map_on_the_oblique_grid(scene, qsm_node, oblique_case):
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    ids = _ids(labels)
+    back = bridge.labels_from_segmentation(segmentation, qsm_node)
+    # Segment n (1-based, segmentation order) is value n; here segment n is lesion ids[n-1].
+    lookup = np.array([0, *ids], dtype=np.uint16)
+    assert back.dtype == np.uint16
+    assert np.array_equal(lookup[back], labels)
+
+
+def test_export_values_follow_the_order_of_the_segment_ids_given(scene, qsm_node, oblique_case):
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    ids = _ids(labels)[:2]
+    back = bridge.labels_from_segmentation(segmentation, qsm_node, [f"PRL_{ids[1]}", f"PRL_{ids[0]}"])
+    assert np.array_equal(back == 1, labels == ids[1])
+    assert np.array_equal(back == 2, labels == ids[0])
+    assert set(np.unique(back)) == {0, 1, 2}
+
+
+def test_temporary_nodes_do_not_stay_in_the_scene(scene, qsm_node, oblique_case):
+    segmentation = bridge.segmentation_from_labels(scene, oblique_case[1], qsm_node, "PRLs")
+    before = scene.GetNumberOfNodes()
+    bridge.labels_from_segmentation(segmentation, qsm_node)
+    bridge.set_segment_from_array(segmentation, "PRL_1", oblique_case[1] == 1, qsm_node)
+    assert scene.GetNumberOfNodes() == before
+    assert not [scene.GetNthNode(i) for i in range(before) if scene.GetNthNode(i).GetName().startswith("__PRLDetector")]
+
+
+def test_a_segment_can_be_repainted_and_emptied(scene, qsm_node, oblique_case):
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    lesion = labels == 1
+    half = lesion.copy()
+    half.ravel()[np.flatnonzero(lesion)[: lesion.sum() // 2]] = False
+    bridge.set_segment_from_array(segmentation, "PRL_1", half, qsm_node)
+    assert np.array_equal(bridge.labels_from_segmentation(segmentation, qsm_node, ["PRL_1"]) == 1, half)
+    bridge.set_segment_from_array(segmentation, "PRL_1", np.zeros_like(labels), qsm_node)
+    assert not bridge.labels_from_segmentation(segmentation, qsm_node, ["PRL_1"]).any()
+    # The other lesions are untouched.
+    others = bridge.labels_from_segmentation(segmentation, qsm_node, ["PRL_2"])
+    assert np.array_equal(others == 1, labels == 2)
+
+
+def test_segments_the_reader_draws_get_the_next_lesion_ids_and_are_confirmed(scene, qsm_node, oblique_case):
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    highest = max(_ids(labels))
+    drawn = segmentation.GetSegmentation().AddEmptySegment("", "my lesion")
+    copied = slicer.vtkSegment()
+    copied.DeepCopy(segmentation.GetSegmentation().GetSegment("PRL_1"))  # a copy carries the same lesion id
+    segmentation.GetSegmentation().AddSegment(copied, "copy")
+    lesions = {s.segment_id: s for s in bridge.claim_new_segments(segmentation)}
+    assert lesions[drawn].lesion_id == highest + 1 and lesions[drawn].status == bridge.CONFIRMED
+    assert lesions[drawn].name == "my lesion"
+    assert lesions["copy"].lesion_id == highest + 2
+    assert lesions["PRL_1"].lesion_id == 1
+    assert len({s.lesion_id for s in lesions.values()}) == len(lesions)
+
+
+def test_status_is_a_segment_tag_and_bad_statuses_are_refused(scene, qsm_node, oblique_case):
+    segmentation = bridge.segmentation_from_labels(scene, oblique_case[1], qsm_node, "PRLs")
+    bridge.set_lesion_status(segmentation, "PRL_2", bridge.REJECTED)
+    assert {s.segment_id: s.status for s in bridge.lesion_segments(segmentation)}["PRL_2"] == bridge.REJECTED
+    with pytest.raises(InputError, match="not one of"):
+        bridge.set_lesion_status(segmentation, "PRL_2", "maybe")
+    with pytest.raises(InputError, match="no segment"):
+        bridge.set_lesion_status(segmentation, "nope", bridge.CONFIRMED)
+    assert bridge.segment_id_of_lesion(segmentation, 2) == "PRL_2"
+    assert bridge.segment_id_of_lesion(segmentation, 999) is None
+
+
+def test_the_segmentation_joins_the_study_and_the_transform_of_the_qsm(scene, qsm_node, oblique_case):
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient 1")
+    study = hierarchy.CreateStudyItem(patient, "MRI 2025")
+    hierarchy.CreateItem(study, qsm_node)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    qsm_node.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation = bridge.segmentation_from_labels(scene, oblique_case[1], qsm_node, "PRLs")
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == study
+    assert segmentation.GetParentTransformNode() is transform
+
+
+def test_labels_off_the_reference_grid_are_refused(scene, qsm_node):
+    with pytest.raises(InputError, match="resample"):
+        bridge.segmentation_from_labels(scene, np.zeros((3, 4, 5), np.uint16), qsm_node, "PRLs")
+
+
+def test_no_lesions_give_an_empty_segmentation(scene, qsm_node, oblique_case):
+    segmentation = bridge.segmentation_from_labels(scene, np.zeros_like(oblique_case[1]), qsm_node, "PRLs")
+    assert bridge.lesion_segments(segmentation) == []
+    assert not bridge.labels_from_segmentation(segmentation, qsm_node).any()
+
+
+# -- files ------------------------------------------------------------------------------------------------------
+
+
+def test_seg_nrrd_reads_back_with_slicerio_on_the_qsm_grid(scene, qsm_node, oblique_case, tmp_path):
+    qsm, labels = oblique_case
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    path = bridge.write_segmentation_file(segmentation, tmp_path / "prl.seg.nrrd")
+    read = slicerio.read_segmentation(str(path))
+    assert [s["name"] for s in read["segments"]] == [f"PRL {i}" for i in _ids(labels)]
+    voxels = np.asarray(read["voxels"])
+    layers = voxels if voxels.ndim == 4 else voxels[None]
+    assert layers.shape[1:] == qsm.GetSize()  # not cropped: (i, j, k) of the QSM
+    for segment in read["segments"]:
+        lesion_id = int(segment["tags"][bridge.LESION_ID_TAG])
+        mask_ijk = layers[segment.get("layer", 0)] == segment["labelValue"]
+        assert np.array_equal(mask_ijk.transpose(2, 1, 0), labels == lesion_id)
+    ijk_to_lps = np.asarray(read["ijkToLPS"])
+    direction = np.asarray(qsm.GetDirection()).reshape(3, 3)
+    assert np.allclose(ijk_to_lps[:3, :3], direction @ np.diag(qsm.GetSpacing()), atol=1e-6)
+    assert np.allclose(ijk_to_lps[:3, 3], qsm.GetOrigin(), atol=1e-6)
+
+
+def test_a_saved_segmentation_loads_back_with_statuses(scene, qsm_node, oblique_case, tmp_path):
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    bridge.set_lesion_status(segmentation, "PRL_1", bridge.CONFIRMED)
+    path = bridge.write_segmentation_file(segmentation, tmp_path / "review.seg.nrrd")
+    loaded = bridge.read_segmentation_file(scene, path)
+    assert bridge.lesion_segments(loaded) == bridge.lesion_segments(segmentation)
+    assert np.array_equal(
+        bridge.labels_from_segmentation(loaded, qsm_node), bridge.labels_from_segmentation(segmentation, qsm_node)
+    )
+    with pytest.raises(InputError, match="does not exist"):
+        bridge.read_segmentation_file(scene, tmp_path / "missing.seg.nrrd")
+
+
+# -- lesion table -------------------------------------------------------------------------------------------------
+
+
+def _rows(qsm_node, labels, statuses=None):
+    qsm = bridge.image_from_volume_node(qsm_node)
+    lesions = measure_lesions(labels, sitk.GetArrayViewFromImage(qsm), qsm)
+    return bridge.rows_with_status(lesions, statuses or {})
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def test_lesion_rows_round_trip_through_a_table_node_with_their_types(scene, qsm_node, oblique_case):
+    rows = _rows(qsm_node, oblique_case[1], {2: bridge.REJECTED})
+    table = bridge.lesion_table_node(scene, rows, "lesions")
+    columns = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
+    assert columns == ["lesion_id", "status", *LESION_COLUMNS[1:]]
+    assert table.GetNumberOfRows() == len(rows)
+    assert table.GetTable().GetColumnByName("lesion_id").IsA("vtkIntArray")
+    assert table.GetTable().GetColumnByName("volume_mm3").IsA("vtkDoubleArray")
+    assert table.GetTable().GetColumnByName("status").IsA("vtkStringArray")
+    assert table.GetLocked()
+    back = bridge.rows_from_table(table)
+    assert len(back) == len(rows)
+    for row, read in zip(rows, back, strict=True):
+        assert row.keys() == read.keys()
+        assert all(_same(row[k], read[k]) for k in row), row
+    assert [r["status"] for r in back if r["lesion_id"] == 2] == [bridge.REJECTED]
+
+
+def test_a_table_row_gives_back_its_lesion_features(scene, qsm_node, oblique_case):
+    qsm = bridge.image_from_volume_node(qsm_node)
+    lesions = measure_lesions(oblique_case[1], sitk.GetArrayViewFromImage(qsm), qsm)
+    table = bridge.lesion_table_node(scene, bridge.rows_with_status(lesions, {}), "lesions")
+    for lesion, row in zip(lesions, bridge.rows_from_table(table), strict=True):
+        rebuilt = bridge.lesion_from_row(row)
+        assert rebuilt.as_row().keys() == lesion.as_row().keys()
+        assert all(_same(lesion.as_row()[k], rebuilt.as_row()[k]) for k in LESION_COLUMNS)
+
+
+def test_the_burden_from_the_table_leaves_rejected_lesions_out(scene, qsm_node, oblique_case):
+    rows = _rows(qsm_node, oblique_case[1], {1: bridge.REJECTED, 2: bridge.CONFIRMED})
+    table = bridge.lesion_table_node(scene, rows, "lesions")
+    burden = bridge.burden_from_table(table)
+    kept = [r for r in rows if r["lesion_id"] != 1]
+    assert burden.prl_count == len(kept)
+    assert burden.total_volume_mm3 == pytest.approx(sum(r["volume_mm3"] for r in kept))
+    assert burden.positive_ge1 == (len(kept) >= 1) and burden.positive_ge4 == (len(kept) >= 4)
+
+
+def test_a_table_node_is_refilled_in_place(scene, qsm_node, oblique_case):
+    rows = _rows(qsm_node, oblique_case[1])
+    table = bridge.lesion_table_node(scene, rows, "lesions")
+    same = bridge.lesion_table_node(scene, rows[:1], "lesions", table)
+    assert same is table and table.GetNumberOfRows() == 1
+    empty = bridge.lesion_table_node(scene, [], "none")
+    assert empty.GetNumberOfRows() == 0 and empty.GetNumberOfColumns() == len(bridge.TABLE_COLUMNS)
+    assert bridge.burden_from_table(empty).prl_count == 0
+
+
+def test_table_and_segmentation_are_linked_both_ways(scene, qsm_node, oblique_case):
+    segmentation = bridge.segmentation_from_labels(scene, oblique_case[1], qsm_node, "PRLs")
+    table = bridge.lesion_table_node(scene, _rows(qsm_node, oblique_case[1]), "lesions")
+    bridge.link_table(segmentation, table)
+    assert bridge.linked_table(segmentation) is table
+    assert bridge.linked_segmentation(table) is segmentation

@@ -1,0 +1,284 @@
+"""The synthetic patients: deterministic, on the right grids, and with lesions that look like what they are.
+
+Every lesion property is measured in the generated QSM (what a model sees), not in the susceptibility map
+the QSM was simulated from. Cases are small boxes of the brain so that the whole file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cc3d
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.phantom import VARY_GRID_SPACINGS, generate_case, generate_cohort, write_case
+from PRLDetectorLib.phantom_anatomy import CSF, NUCLEI, VEIN, VENTRICLE, WM
+
+EXTENT_MM = (96, 96, 64)
+# Seed 2 in this box holds 4 forced PRLs, rimless lesions (two with a faint partial rim) and 3 microbleeds.
+SEED = 2
+
+
+@pytest.fixture(scope="module")
+def case():
+    return generate_case("case_000", SEED, with_flair=True, extent_mm=EXTENT_MM, n_prl=4)
+
+
+def arrays(case) -> dict[str, np.ndarray]:
+    names = ("qsm", "gt_prl", "gt_instances", "tissue")
+    return {name: sitk.GetArrayFromImage(getattr(case, name)) for name in names}
+
+
+def lesions_of(case, cls: str) -> list[dict]:
+    return [lesion for lesion in case.truth["lesions"] if lesion["class"] == cls]
+
+
+def rim_measures(case, lesion_id: int) -> tuple[float, float | None, float]:
+    """Median QSM of the lesion's outer voxel layer, of its core (None if the lesion is too small to have
+    one) and of the white matter 2-4 mm outside it.
+
+    Medians, because a rim covers at least two thirds of a PRL's edge: the median edge voxel then lies on
+    the rim, whereas a faint rim over less than a third of a rimless lesion's edge cannot move it.
+    """
+    a = arrays(case)
+    spacing = np.array(case.qsm.GetSpacing()[::-1])
+    mask = a["gt_instances"] == lesion_id
+    box = tuple(slice(max(idx.min() - 6, 0), idx.max() + 7) for idx in np.nonzero(mask))
+    inside, qsm = mask[box], a["qsm"][box]
+    depth = ndi.distance_transform_edt(np.pad(inside, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    outside = ndi.distance_transform_edt(~inside, sampling=spacing)
+    edge = inside & (depth <= 1.5)
+    core = inside & (depth > 2.5)
+    shell = (outside >= 2) & (outside <= 4) & (a["tissue"][box] == WM)
+    core_value = float(np.median(qsm[core])) if core.sum() >= 3 else None
+    return float(np.median(qsm[edge])), core_value, float(np.median(qsm[shell]))
+
+
+def test_same_seed_gives_byte_identical_images_and_truth(case):
+    again = generate_case("case_000", SEED, with_flair=True, extent_mm=EXTENT_MM, n_prl=4)
+    for name in ("qsm", "flair", "gt_prl", "gt_instances"):
+        first = sitk.GetArrayFromImage(getattr(case, name))
+        second = sitk.GetArrayFromImage(getattr(again, name))
+        assert first.tobytes() == second.tobytes(), name
+    assert json.dumps(case.truth) == json.dumps(again.truth)
+
+
+def test_different_seeds_give_different_patients(case):
+    other = generate_case("case_000", SEED + 1, extent_mm=EXTENT_MM, n_prl=4)
+    assert not np.array_equal(sitk.GetArrayFromImage(other.qsm), arrays(case)["qsm"])
+    assert [lesion["center_lps_mm"] for lesion in other.truth["lesions"]] != [
+        lesion["center_lps_mm"] for lesion in case.truth["lesions"]]
+
+
+def test_asking_for_flair_leaves_the_qsm_and_lesions_unchanged(case):
+    without = generate_case("case_000", SEED, with_flair=False, extent_mm=EXTENT_MM, n_prl=4)
+    assert without.flair is None
+    assert np.array_equal(sitk.GetArrayFromImage(without.qsm), arrays(case)["qsm"])
+    assert without.truth["lesions"] == case.truth["lesions"]
+
+
+def test_ground_truth_lies_exactly_on_the_qsm_grid(case):
+    for image in (case.gt_prl, case.gt_instances):
+        assert image.GetSize() == case.qsm.GetSize()
+        assert image.GetSpacing() == case.qsm.GetSpacing()
+        assert image.GetOrigin() == case.qsm.GetOrigin()
+        assert image.GetDirection() == case.qsm.GetDirection()
+    assert case.qsm.GetSize() == (96, 96, 64)
+    assert case.qsm.GetPixelID() == sitk.sitkFloat32
+    assert case.gt_prl.GetPixelID() == sitk.sitkUInt8
+    assert case.gt_instances.GetPixelID() == sitk.sitkUInt16
+
+
+def test_gt_prl_is_the_union_of_the_prl_instances_and_truth_matches_the_voxels(case):
+    a = arrays(case)
+    prl_ids = [lesion["id"] for lesion in lesions_of(case, "prl")]
+    assert set(np.unique(a["gt_prl"])) == {0, 1}
+    assert np.array_equal(a["gt_prl"] == 1, np.isin(a["gt_instances"], prl_ids))
+    ids_in_image = set(np.unique(a["gt_instances"])) - {0}
+    assert ids_in_image == {lesion["id"] for lesion in case.truth["lesions"]}
+    voxel_mm3 = float(np.prod(case.qsm.GetSpacing()))
+    for lesion in case.truth["lesions"]:
+        voxels = int(np.sum(a["gt_instances"] == lesion["id"]))
+        assert lesion["voxels"] == voxels
+        assert lesion["volume_mm3"] == pytest.approx(voxels * voxel_mm3, rel=1e-6)
+        index = case.qsm.TransformPhysicalPointToIndex(lesion["center_lps_mm"])
+        x, y, z = lesion["center_lps_mm"]
+        assert lesion["center_ras_mm"] == pytest.approx([-x, -y, z])
+        assert all(0 <= i < n for i, n in zip(index, case.qsm.GetSize(), strict=True))
+
+
+def test_n_prl_is_honoured_and_prls_stay_separate_components(case):
+    assert case.truth["prl_count"] == 4
+    assert len(lesions_of(case, "prl")) == 4
+    _, components = cc3d.connected_components(arrays(case)["gt_prl"], connectivity=26, return_N=True)
+    assert components == 4
+
+
+def test_every_prl_lies_in_white_matter(case):
+    a = arrays(case)
+    for lesion in lesions_of(case, "prl"):
+        tissue = a["tissue"][a["gt_instances"] == lesion["id"]]
+        assert np.mean(tissue == WM) >= 0.8, lesion
+        assert 5.0 <= lesion["diameter_mm"] <= 16.0
+        assert 0.67 <= lesion["rim_coverage"] <= 1.0
+        assert 1.0 <= lesion["rim_thickness_mm"] <= 2.0
+
+
+def test_prl_rims_are_brighter_than_their_core_and_the_surrounding_white_matter_in_qsm(case):
+    for lesion in lesions_of(case, "prl"):
+        edge, core, surround = rim_measures(case, lesion["id"])
+        assert edge - surround > 0.02, lesion
+        if core is not None:
+            assert edge - core > 0.02, lesion
+
+
+def test_rimless_lesions_have_no_such_rim_even_with_a_faint_partial_one(case):
+    rimless = lesions_of(case, "rimless")
+    assert any(0 < lesion["rim_coverage"] < 1 / 3 for lesion in rimless)
+    with_core = 0
+    for lesion in rimless:
+        assert lesion["rim_coverage"] < 1 / 3
+        edge, core, surround = rim_measures(case, lesion["id"])
+        # Uniformly hyperintense lesions (up to +0.025 ppm) may be brighter than white matter, but less so.
+        assert edge - surround < 0.02, lesion
+        if core is not None:
+            with_core += 1
+            assert edge - core < 0.02, lesion
+    assert with_core >= 2
+
+
+def test_microbleeds_are_very_bright(case):
+    a = arrays(case)
+    microbleeds = lesions_of(case, "microbleed")
+    assert microbleeds
+    for lesion in microbleeds:
+        assert 2.0 <= lesion["diameter_mm"] <= 5.5
+        assert a["qsm"][a["gt_instances"] == lesion["id"]].max() > 0.25
+
+
+def test_deep_grey_nuclei_and_veins_are_paramagnetic_compared_with_white_matter(case):
+    a = arrays(case)
+    wm = a["qsm"][a["tissue"] == WM].mean()
+    assert -0.05 < wm < -0.005
+    means = {n.name: a["qsm"][a["tissue"] == n.label].mean()
+             for n in NUCLEI if np.any(a["tissue"] == n.label)}
+    assert {"globus_pallidus", "putamen", "caudate"} <= set(means)
+    assert all(mean - wm > 0.04 for mean in means.values()), means
+    assert means["globus_pallidus"] > means["putamen"]
+    assert a["qsm"][a["tissue"] == VEIN].mean() - wm > 0.08
+    assert case.truth["veins"] >= 4
+
+
+def test_qsm_is_zero_outside_the_brain_and_csf_is_the_reference(case):
+    a = arrays(case)
+    assert np.all(a["qsm"][a["tissue"] == 0] == 0)
+    assert abs(np.median(a["qsm"][np.isin(a["tissue"], (CSF, VENTRICLE))])) < 0.02
+    assert -0.5 < a["qsm"].min() and a["qsm"].max() < 1.5
+
+
+def _flair_in_qsm_space(case) -> np.ndarray:
+    matrix = np.array(case.truth["flair"]["qsm_to_flair_lps"])
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(matrix[:3, :3].ravel().tolist())
+    transform.SetTranslation(matrix[:3, 3].tolist())
+    return sitk.GetArrayFromImage(sitk.Resample(case.flair, case.qsm, transform, sitk.sitkLinear, 0.0))
+
+
+def test_flair_grid_differs_from_qsm_but_covers_the_same_head(case):
+    flair, qsm = case.flair, case.qsm
+    assert flair.GetSpacing() != qsm.GetSpacing()
+    assert flair.GetSize() != qsm.GetSize()
+    motion = case.truth["flair"]["motion"]
+    assert 1.0 <= motion["rotation_deg"] <= 3.0 and 1.0 <= motion["translation_mm"] <= 3.0
+
+    def bounds(image):
+        corners = np.array([image.TransformIndexToPhysicalPoint((0, 0, 0)),
+                            image.TransformIndexToPhysicalPoint([n - 1 for n in image.GetSize()])])
+        return corners.min(0), corners.max(0)
+
+    (qlo, qhi), (flo, fhi) = bounds(qsm), bounds(flair)
+    overlap = np.prod(np.clip(np.minimum(qhi, fhi) - np.maximum(qlo, flo), 0, None))
+    assert overlap > 0.8 * np.prod(qhi - qlo)
+
+
+def test_flair_shows_ms_lesions_hyperintense_but_not_microbleeds(case):
+    a = arrays(case)
+    flair = _flair_in_qsm_space(case)
+    wm = np.median(flair[a["tissue"] == WM])
+    for lesion in case.truth["lesions"]:
+        inside = a["gt_instances"] == lesion["id"]
+        core = ndi.binary_erosion(inside) if lesion["voxels"] > 30 else inside
+        ratio = np.mean(flair[core]) / wm
+        if lesion["class"] == "microbleed":
+            assert ratio < 1.3, lesion
+        else:
+            assert ratio > 1.4, lesion
+
+
+def test_zero_prl_patients_and_patients_with_many_prls_occur_across_a_cohort(tmp_path):
+    # 2 mm voxels keep this fast; the counts are drawn the same way at any resolution.
+    folders = generate_cohort(tmp_path, 12, seed=3, spacing_mm=2.0, extent_mm=EXTENT_MM, progress=False)
+    counts = [json.loads((folder / "truth.json").read_text())["prl_count"] for folder in folders]
+    assert [folder.name for folder in folders] == [f"case_{i:03d}" for i in range(12)]
+    assert 1 <= counts.count(0) <= 6
+    assert max(counts) >= 4
+
+
+def test_cohort_refuses_to_overwrite_an_existing_case_folder(tmp_path):
+    (tmp_path / "case_001").mkdir()
+    with pytest.raises(InputError, match="case_001"):
+        generate_cohort(tmp_path, 2, seed=0, spacing_mm=2.0, extent_mm=EXTENT_MM, progress=False)
+    assert not (tmp_path / "case_000").exists()
+
+
+def test_written_case_reads_back_the_same(case, tmp_path):
+    folder = write_case(case, tmp_path)
+    assert folder == tmp_path / "case_000"
+    assert {p.name for p in folder.iterdir()} == {"qsm.nii.gz", "flair.nii.gz", "gt_prl.nii.gz",
+                                                 "gt_instances.nii.gz", "truth.json"}
+    qsm = sitk.ReadImage(str(folder / "qsm.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(qsm), arrays(case)["qsm"])
+    assert qsm.GetOrigin() == pytest.approx(case.qsm.GetOrigin(), abs=1e-4)
+    truth = json.loads((folder / "truth.json").read_text())
+    assert truth["case_id"] == "case_000" and truth["seed"] == SEED and truth["spacing_mm"] == [1.0, 1.0, 1.0]
+    with pytest.raises(InputError, match="already exists"):
+        write_case(case, tmp_path)
+
+
+def test_vary_grid_draws_each_case_from_realistic_acquisition_grids(tmp_path):
+    folders = generate_cohort(tmp_path, 3, seed=11, extent_mm=(64, 64, 48), vary_grid=True, progress=False)
+    for folder in folders:
+        truth = json.loads((folder / "truth.json").read_text())
+        assert tuple(truth["spacing_mm"]) in VARY_GRID_SPACINGS
+        assert sitk.ReadImage(str(folder / "qsm.nii.gz")).GetSpacing() == pytest.approx(truth["spacing_mm"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"spacing_mm": -1.0}, "spacing_mm"),
+    ({"spacing_mm": (1.0, 1.0)}, "spacing_mm"),
+    ({"extent_mm": 10.0}, "extent_mm"),
+    ({"n_prl": 99}, "n_prl"),
+    ({"n_prl": 20, "extent_mm": 40.0}, "fit"),
+])
+def test_bad_arguments_raise_an_input_error_that_names_them(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        generate_case("case_000", 0, **kwargs)
+
+
+def test_a_case_id_must_be_a_plain_folder_name():
+    with pytest.raises(InputError, match="folder name"):
+        generate_case("../escape", 0, extent_mm=EXTENT_MM)
+
+
+@pytest.mark.slow
+def test_default_case_covers_the_whole_brain_at_1_mm():
+    whole = generate_case("case_000", 0)
+    assert whole.qsm.GetSize() == (182, 218, 182)
+    tissue = sitk.GetArrayFromImage(whole.tissue)
+    # The brain fits in the box: no tissue on the outer faces of the grid.
+    faces = [tissue[0], tissue[-1], tissue[:, 0], tissue[:, -1], tissue[:, :, 0], tissue[:, :, -1]]
+    assert sum(int(np.count_nonzero(face)) for face in faces) < 200

@@ -1,0 +1,391 @@
+"""The module's Logic core on slicer-core's MRML scene: detect, review, update the burden, export.
+
+The same scenario runs inside Slicer as the module self-test (``PRLDetectorTest`` in PRLDetector.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer
+import slicerio
+import vtk
+from conftest import require_model
+
+from PRLDetectorLib import mrml_bridge as bridge
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.features import LESION_COLUMNS, read_lesions_csv
+from PRLDetectorLib.lesions import find_lesions
+from PRLDetectorLib.phantom import generate_case, write_case
+from PRLDetectorLib.process import Finished
+from PRLDetectorLib.settings import DetectionSettings
+from PRLDetectorLib.slicer_logic import EXPORT_FILES, SceneLogic, output_name
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    write_case(generate_case("logic", seed=3, extent_mm=48, n_prl=3), folder)
+    return folder / "logic"
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def logic(scene, tmp_path):
+    return SceneLogic(scene, python_executable=sys.executable, models_dir=tmp_path / "models")
+
+
+@pytest.fixture
+def qsm_node(scene, phantom_dir):
+    return bridge.add_volume_node(scene, sitk.ReadImage(str(phantom_dir / "qsm.nii.gz")), "Phantom QSM")
+
+
+@pytest.fixture
+def review(logic, qsm_node, phantom_dir):
+    """The phantom's ground truth split into lesions: the annotator's starting point, and a stand-in detection."""
+    return logic.load_ground_truth(phantom_dir / "gt_prl.nii.gz", qsm_node)
+
+
+def _rows_by_id(table_node) -> dict[int, dict]:
+    return {int(r["lesion_id"]): r for r in bridge.rows_from_table(table_node)}
+
+
+def _voxel_mm3(qsm_node) -> float:
+    return float(np.prod(qsm_node.GetSpacing()))
+
+
+def _fake_model(models_dir: Path, name: str = "fake") -> Path:
+    """A folder that passes model validation but whose weights are not a network."""
+    folder = models_dir / name
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "QSM"}, "labels": {"background": 0, "prl": 1}, "file_ending": ".nii.gz",
+    }))
+    (folder / "plans.json").write_text("{}")
+    (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
+    return folder
+
+
+def _node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+# -- ground truth and review ------------------------------------------------------------------------------------
+
+
+def test_a_ground_truth_mask_is_split_into_one_confirmed_segment_per_lesion(review, qsm_node, phantom_dir):
+    gt = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_dir / "gt_prl.nii.gz")))
+    expected = find_lesions(gt, qsm_node.GetSpacing(), 0, 26)
+    lesions = bridge.lesion_segments(review.segmentation_node)
+    assert len(lesions) == int(expected.max()) >= 2
+    assert [s.name for s in lesions] == [f"PRL {i}" for i in range(1, len(lesions) + 1)]
+    assert {s.status for s in lesions} == {bridge.CONFIRMED}
+    assert review.table_node.GetNumberOfRows() == len(lesions)
+    assert bridge.reference_volume(review.segmentation_node) is qsm_node
+    rows = _rows_by_id(review.table_node)
+    for lesion_id in range(1, len(lesions) + 1):
+        assert rows[lesion_id]["voxels"] == int((expected == lesion_id).sum())
+    assert review.burden.prl_count == len(lesions)
+    assert review.burden.total_volume_mm3 == pytest.approx((gt > 0).sum() * _voxel_mm3(qsm_node))
+
+
+def test_update_after_deleting_one_segment_and_erasing_half_of_another(logic, review, qsm_node):
+    segmentation = review.segmentation_node
+    before = _rows_by_id(review.table_node)
+    deleted, halved = 2, 1
+    segmentation.GetSegmentation().RemoveSegment(bridge.segment_id_of_lesion(segmentation, deleted))
+    halved_id = bridge.segment_id_of_lesion(segmentation, halved)
+    mask = bridge.labels_from_segmentation(segmentation, qsm_node, [halved_id]) > 0
+    voxels = np.flatnonzero(mask)
+    mask.ravel()[voxels[: voxels.size // 2]] = False
+    bridge.set_segment_from_array(segmentation, halved_id, mask, qsm_node)
+
+    after = logic.update_burden(segmentation)
+
+    rows = _rows_by_id(after.table_node)
+    assert after.table_node is review.table_node
+    assert sorted(rows) == sorted(set(before) - {deleted})
+    n = int(before[halved]["voxels"])
+    assert rows[halved]["voxels"] == n - n // 2
+    assert rows[halved]["volume_mm3"] == pytest.approx((n - n // 2) * _voxel_mm3(qsm_node))
+    for lesion_id in set(rows) - {halved}:
+        assert rows[lesion_id]["voxels"] == before[lesion_id]["voxels"]
+        assert rows[lesion_id]["status"] == before[lesion_id]["status"]
+    assert after.burden.prl_count == review.burden.prl_count - 1
+    assert after.burden.total_volume_mm3 == pytest.approx(sum(r["volume_mm3"] for r in rows.values()))
+    names = {s.lesion_id: s.name for s in bridge.lesion_segments(segmentation)}
+    assert names == {i: f"PRL {i}" for i in rows}
+
+
+def test_a_segment_in_two_pieces_stays_one_lesion(logic, review, qsm_node):
+    segmentation = review.segmentation_node
+    before = _rows_by_id(review.table_node)
+    first, second = (bridge.segment_id_of_lesion(segmentation, i) for i in (1, 2))
+    both = bridge.labels_from_segmentation(segmentation, qsm_node, [first, second]) > 0
+    segmentation.GetSegmentation().RemoveSegment(second)
+    bridge.set_segment_from_array(segmentation, first, both, qsm_node)
+
+    rows = _rows_by_id(logic.update_burden(segmentation).table_node)
+
+    assert 2 not in rows
+    assert rows[1]["voxels"] == before[1]["voxels"] + before[2]["voxels"]
+
+
+def test_a_segment_drawn_by_the_reader_becomes_a_new_confirmed_row(logic, review, qsm_node):
+    segmentation = review.segmentation_node
+    before = _rows_by_id(review.table_node)
+    occupied = bridge.labels_from_segmentation(segmentation, qsm_node) > 0
+    blob = np.zeros_like(occupied)
+    blob[2:5, 2:5, 2:5] = True
+    assert not (blob & occupied).any()
+    drawn = segmentation.GetSegmentation().AddEmptySegment("", "Segment_1")
+    bridge.set_segment_from_array(segmentation, drawn, blob, qsm_node)
+
+    after = logic.update_burden(segmentation)
+
+    rows = _rows_by_id(after.table_node)
+    new_id = max(before) + 1
+    assert set(rows) == set(before) | {new_id}
+    assert rows[new_id]["voxels"] == 27 and rows[new_id]["status"] == bridge.CONFIRMED
+    assert {s.segment_id: s.name for s in bridge.lesion_segments(segmentation)}[drawn] == "Segment_1"
+    assert after.burden.prl_count == review.burden.prl_count + 1
+
+
+def test_rejected_lesions_leave_the_burden_but_keep_their_row_and_segment(logic, review):
+    segmentation = review.segmentation_node
+    rows = _rows_by_id(review.table_node)
+    burden = logic.set_status(segmentation, 1, bridge.REJECTED)
+    assert burden.prl_count == review.burden.prl_count - 1
+    assert burden.total_volume_mm3 == pytest.approx(review.burden.total_volume_mm3 - rows[1]["volume_mm3"])
+    assert _rows_by_id(review.table_node)[1]["status"] == bridge.REJECTED
+    # The status lives in the segment, so an update keeps it.
+    after = logic.update_burden(segmentation)
+    assert _rows_by_id(after.table_node)[1]["status"] == bridge.REJECTED
+    assert after.burden == burden
+    assert logic.burden(segmentation) == burden
+    back = logic.set_status(segmentation, 1, bridge.CANDIDATE)
+    assert back.prl_count == review.burden.prl_count
+    with pytest.raises(InputError, match="Update burden"):
+        logic.set_status(segmentation, 999, bridge.CONFIRMED)
+
+
+def test_the_views_centre_on_the_lesion_centroid(logic, review, qsm_node):
+    row = _rows_by_id(review.table_node)[1]
+    center = logic.lesion_center_ras(review.segmentation_node, 1)
+    assert center == pytest.approx((row["centroid_ras_x_mm"], row["centroid_ras_y_mm"], row["centroid_ras_z_mm"]))
+    inside = bridge.labels_from_segmentation(review.segmentation_node, qsm_node, ["PRL_1"])
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    qsm_node.GetRASToIJKMatrix(ras_to_ijk)
+    i, j, k = (round(c) for c in ras_to_ijk.MultiplyPoint((*center, 1.0))[:3])
+    assert inside[k, j, i] == 1, "the centroid of a compact lesion lies inside it"
+
+
+def test_splitting_a_segmentation_drawn_as_one_segment(logic, review, qsm_node):
+    segmentation = review.segmentation_node
+    merged = bridge.segmentation_from_labels(
+        logic.scene, (bridge.labels_from_segmentation(segmentation, qsm_node) > 0).astype(np.uint16), qsm_node, "one"
+    )
+    assert len(bridge.lesion_segments(merged)) == 1
+    split = logic.split_segmentation(merged, qsm_node)
+    assert len(bridge.lesion_segments(split.segmentation_node)) == len(bridge.lesion_segments(segmentation))
+
+
+def test_an_empty_mask_is_refused(logic, qsm_node, tmp_path):
+    empty = sitk.Image(bridge.geometry_image(qsm_node))
+    sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
+    with pytest.raises(InputError, match="empty"):
+        logic.load_ground_truth(tmp_path / "empty.nii.gz", qsm_node)
+
+
+# -- export and training set ----------------------------------------------------------------------------------------
+
+
+def test_export_writes_the_review_and_the_files_read_back(logic, review, qsm_node, tmp_path):
+    segmentation = review.segmentation_node
+    logic.set_status(segmentation, 1, bridge.REJECTED)
+    paths = logic.export(segmentation, tmp_path / "out")
+    assert sorted(p.name for p in paths.values()) == sorted(EXPORT_FILES)
+
+    header = paths["lesions.csv"].read_text().splitlines()[0].split(",")
+    assert header == [*LESION_COLUMNS, "status"]
+    rows = read_lesions_csv(paths["lesions.csv"])
+    table_rows = bridge.rows_from_table(review.table_node)
+    assert [int(r["lesion_id"]) for r in rows] == [r["lesion_id"] for r in table_rows]
+    assert [r["status"] for r in rows] == [r["status"] for r in table_rows]
+    for read, row in zip(rows, table_rows, strict=True):
+        assert read["volume_mm3"] == pytest.approx(row["volume_mm3"], abs=1e-3)
+
+    record = json.loads(paths["burden.json"].read_text())
+    assert record["burden"]["prl_count"] == review.burden.prl_count - 1
+    assert record["rejected_lesion_ids"] == [1]
+
+    labels = sitk.ReadImage(str(paths["prl_labels.nii.gz"]))
+    qsm = bridge.geometry_image(qsm_node)
+    assert labels.GetSize() == qsm.GetSize()
+    assert np.allclose(labels.GetOrigin(), qsm.GetOrigin(), atol=1e-4)
+    assert np.allclose(labels.GetDirection(), qsm.GetDirection(), atol=1e-6)
+    values = sitk.GetArrayFromImage(labels)
+    assert set(np.unique(values)) == {0} | {r["lesion_id"] for r in table_rows if r["status"] != bridge.REJECTED}
+    for row in table_rows:
+        if row["status"] != bridge.REJECTED:
+            assert (values == row["lesion_id"]).sum() == row["voxels"]
+
+    seg = slicerio.read_segmentation(str(paths["prl.seg.nrrd"]))
+    assert [s["name"] for s in seg["segments"]] == [s.name for s in bridge.lesion_segments(segmentation)]
+    assert {s["tags"][bridge.STATUS_TAG] for s in seg["segments"] if s["tags"][bridge.LESION_ID_TAG] == "1"} == {"rejected"}
+
+
+def test_export_does_not_overwrite_unless_allowed(logic, review, tmp_path):
+    logic.export(review.segmentation_node, tmp_path)
+    with pytest.raises(InputError, match="already holds"):
+        logic.export(review.segmentation_node, tmp_path)
+    logic.export(review.segmentation_node, tmp_path, overwrite=True)
+
+
+def test_a_reviewed_case_joins_an_nnunet_training_set_without_rejected_lesions(logic, review, qsm_node, tmp_path):
+    segmentation = review.segmentation_node
+    logic.set_status(segmentation, 1, bridge.REJECTED)
+    case_id = logic.add_training_case(segmentation, tmp_path / "Dataset")
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "Dataset" / "labelsTr" / f"{case_id}.nii.gz")))
+    kept = [s.segment_id for s in bridge.lesion_segments(segmentation) if s.status != bridge.REJECTED]
+    assert np.array_equal(label > 0, bridge.labels_from_segmentation(segmentation, qsm_node, kept) > 0)
+    assert (tmp_path / "Dataset" / "imagesTr" / f"{case_id}_0000.nii.gz").is_file()
+
+
+# -- detection in a child process -------------------------------------------------------------------------------------
+
+
+def test_a_missing_model_or_input_is_refused_before_anything_starts(logic, qsm_node, scene):
+    with pytest.raises(InputError, match="no model named"):
+        logic.start_detection(qsm_node, None, DetectionSettings(model="no-such-model"))
+    with pytest.raises(InputError, match="No QSM"):
+        logic.start_detection(None, None, DetectionSettings())
+    with pytest.raises(InputError, match="Threshold"):
+        logic.start_detection(qsm_node, None, DetectionSettings(threshold=2.0))
+    _fake_model(logic.models_dir)
+    flair = bridge.add_volume_node(scene, bridge.image_from_volume_node(qsm_node), "FLAIR")
+    with pytest.raises(InputError, match="FLAIR"):
+        logic.start_detection(qsm_node, flair, DetectionSettings(model="fake"))
+
+
+def test_an_input_error_in_the_child_comes_back_as_its_sentence_and_leaves_the_scene_alone(logic, scene):
+    _fake_model(logic.models_dir)
+    one_slice = sitk.Image([40, 30, 1], sitk.sitkFloat32) + 0.1
+    qsm = bridge.add_volume_node(scene, one_slice, "flat QSM")
+    nodes = _node_ids(scene)
+    run = logic.start_detection(qsm, None, DetectionSettings(model="fake"))
+    try:
+        finished = run.wait(timeout=120)
+        assert finished.returncode == 2
+        with pytest.raises(InputError) as error:
+            run.load()
+        assert str(error.value).startswith("The QSM") and "single slice" in str(error.value)
+    finally:
+        run.cleanup()
+    assert _node_ids(scene) == nodes
+    assert not run.work_dir.exists()
+
+
+def test_a_crash_in_the_child_is_reported_with_its_traceback(logic, qsm_node, scene):
+    _fake_model(logic.models_dir)
+    nodes = _node_ids(scene)
+    with pytest.raises(RuntimeError, match="exit code 1"):
+        logic.detect(qsm_node, None, DetectionSettings(model="fake"), timeout=300)
+    assert _node_ids(scene) == nodes
+
+
+def test_cancel_kills_the_child_tree_and_leaves_the_scene_unchanged(scene, qsm_node, tmp_path):
+    if os.name == "nt":
+        pytest.fail("the slow launcher below is a POSIX shell script; Windows needs its own launcher")
+    # Stands in for PythonSlicer, a launcher that starts the real interpreter as its child.
+    launcher = tmp_path / "SlowPythonSlicer"
+    launcher.write_text(f"#!/bin/sh\nsleep 120\nexec {sys.executable} \"$@\"\n")
+    launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR)
+    logic = SceneLogic(scene, python_executable=launcher, models_dir=tmp_path / "models")
+    _fake_model(logic.models_dir)
+    nodes = _node_ids(scene)
+    run = logic.start_detection(qsm_node, None, DetectionSettings(model="fake"))
+    assert run.running
+    started = time.monotonic()
+    run.cancel()
+    finished = run.wait(timeout=30)
+    assert isinstance(finished, Finished) and finished.cancelled
+    assert time.monotonic() - started < 15
+    with pytest.raises(InputError, match="cancelled"):
+        run.load()
+    run.cleanup()
+    assert _node_ids(scene) == nodes
+    assert not run.work_dir.exists()
+
+
+def test_the_child_command_carries_every_setting(logic, qsm_node):
+    _fake_model(logic.models_dir)
+    settings = DetectionSettings(model="fake", device="cpu", tta=True, threshold=0.35, min_lesion_mm3=4.5, connectivity=6)
+    from PRLDetectorLib.slicer_logic import DetectionRun
+
+    run = DetectionRun(logic, qsm_node, None, settings, logic.resolve_model("fake"))
+    try:
+        command = run.command(Path("q.nii"), Path("f.nii"))
+        env = run.environment()
+    finally:
+        run.cleanup()
+    assert command[:4] == [sys.executable, "-u", "-m", "PRLDetectorLib"]
+    text = " ".join(command)
+    for part in ("detect", "--qsm q.nii", "--flair f.nii", "--device cpu", "--tta", "--threshold 0.35",
+                 "--min-lesion-mm3 4.5", "--connectivity 6", "--progress-lines", str(logic.models_dir / "fake")):
+        assert part in text
+    assert str(Path(bridge.__file__).parent.parent) in env["PYTHONPATH"].split(os.pathsep)
+
+
+# -- detection with the bundled model (slow) ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bundled_model_detection_in_a_child_process_and_in_process_agree_and_never_replace_an_edited_review(
+    logic, scene, small_case
+):
+    require_model("qsm")
+    qsm_node = bridge.add_volume_node(scene, sitk.ReadImage(str(small_case / "qsm.nii.gz")), "Small QSM")
+    settings = DetectionSettings(model="qsm", device="cpu")
+    progress = []
+
+    review = logic.detect(qsm_node, None, settings, progress=lambda f, m: progress.append(f), timeout=1800)
+
+    segmentation = review.segmentation_node
+    lesions = bridge.lesion_segments(segmentation)
+    rows = bridge.rows_from_table(review.table_node)
+    assert segmentation.GetName() == output_name(qsm_node)
+    assert len(lesions) == len(rows) == review.burden.prl_count >= 1
+    assert [s.name for s in lesions] == [f"PRL {r['lesion_id']}" for r in rows]
+    assert [r["lesion_id"] for r in rows] == list(range(1, len(rows) + 1))
+    colours = [tuple(segmentation.GetSegmentation().GetSegment(s.segment_id).GetColor()) for s in lesions]
+    assert len(set(colours)) == len(colours)
+    assert bridge.reference_volume(segmentation) is qsm_node
+    assert [review.table_node.GetColumnName(i) for i in range(review.table_node.GetNumberOfColumns())] == list(
+        bridge.TABLE_COLUMNS
+    )
+    assert progress and progress[-1] == 1.0 and progress == sorted(progress)
+    labels = bridge.labels_from_segmentation(segmentation, qsm_node)
+    for value, row in enumerate(rows, start=1):
+        assert (labels == value).sum() == row["voxels"]
+        assert not math.isnan(row["probability_mean"])
+
+    # The reader edits this review; running detection again must leave it as it is.
+    segmentation.GetSegmentation().AddEmptySegment("", "added by hand")
+    again = logic.detect_in_process(qsm_node, None, settings)
+    assert again.segmentation_node is not segmentation
+    assert "added by hand" in [s.name for s in bridge.lesion_segments(segmentation)]
+    assert [r["voxels"] for r in bridge.rows_from_table(again.table_node)] == [r["voxels"] for r in rows]
