@@ -49,6 +49,10 @@ LESION_ID_TAG = "PRLDetector.LesionID"
 TABLE_REFERENCE_ROLE = "PRLDetector.LesionTable"
 SEGMENTATION_REFERENCE_ROLE = "PRLDetector.Segmentation"
 
+SURFACE_SEGMENT_LIMIT = 300
+"""Above this many segments no 3D surfaces are made automatically: building them takes ~5 ms per segment, and
+that many "lesions" means a threshold or a model gone wrong rather than a case to look at in 3D."""
+
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
 _UNITS = {"volume_mm3": "mm³", "probability_mean": "", "paramagnetic_edge_fraction": ""}
 
@@ -224,8 +228,13 @@ def show_segmentation(segmentation_node) -> None:
     display.SetVisibility2DFill(True)
     display.SetVisibility2DOutline(True)
     display.SetVisibility3D(True)
-    if segmentation_node.GetSegmentation().GetNumberOfSegments():
+    count = segmentation_node.GetSegmentation().GetNumberOfSegments()
+    if 0 < count <= SURFACE_SEGMENT_LIMIT:
         segmentation_node.CreateClosedSurfaceRepresentation()
+    elif count > SURFACE_SEGMENT_LIMIT:
+        logger.warning(
+            "%d segments: no 3D surfaces were made (Show 3D in the Segmentations module makes them).", count
+        )
 
 
 def lesion_segments(segmentation_node) -> list[LesionSegment]:

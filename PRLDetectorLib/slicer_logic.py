@@ -384,7 +384,8 @@ class SceneLogic:
             bridge.place_next_to(self.scene, table_node, qsm_node)
         else:
             bridge.lesion_table_node(self.scene, rows, table_node.GetName(), table_node)
-        if segmentation_node.GetSegmentation().GetNumberOfSegments():
+        count = segmentation_node.GetSegmentation().GetNumberOfSegments()
+        if 0 < count <= bridge.SURFACE_SEGMENT_LIMIT:
             segmentation_node.CreateClosedSurfaceRepresentation()
         burden = bridge.burden_from_rows(rows)
         logger.info(
@@ -543,7 +544,8 @@ def _same_voxels(old: Mapping[str, object], new: Mapping[str, object]) -> bool:
     if any(int(old.get(k, -1)) != int(new[k]) for k in keys):
         return False
     centroid = ("centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm")
-    return all(abs(float(old.get(k, math.nan)) - float(new[k])) < 1e-6 for k in centroid)
+    # lesions.csv keeps micrometres; a changed lesion moves its centroid by far more.
+    return all(abs(float(old.get(k, math.nan)) - float(new[k])) <= 1e-3 for k in centroid)
 
 
 def _format_cell(value: object) -> str:

@@ -347,3 +347,11 @@ def test_table_and_segmentation_are_linked_both_ways(scene, qsm_node, oblique_ca
     bridge.link_table(segmentation, table)
     assert bridge.linked_table(segmentation) is table
     assert bridge.linked_segmentation(table) is segmentation
+
+
+def test_many_segments_get_no_automatic_3d_surfaces(scene, qsm_node, oblique_case, monkeypatch):
+    monkeypatch.setattr(bridge, "SURFACE_SEGMENT_LIMIT", 1)
+    segmentation = bridge.segmentation_from_labels(scene, oblique_case[1], qsm_node, "PRLs")
+    assert not segmentation.GetSegmentation().ContainsRepresentation(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    )

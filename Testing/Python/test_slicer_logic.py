@@ -23,7 +23,7 @@ from conftest import require_model
 
 from PRLDetectorLib import mrml_bridge as bridge
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import LESION_COLUMNS, read_lesions_csv
+from PRLDetectorLib.features import LESION_COLUMNS, measure_lesions, read_lesions_csv, write_lesions_csv
 from PRLDetectorLib.lesions import find_lesions
 from PRLDetectorLib.phantom import generate_case, write_case
 from PRLDetectorLib.process import Finished
@@ -128,6 +128,28 @@ def test_update_after_deleting_one_segment_and_erasing_half_of_another(logic, re
     assert after.burden.total_volume_mm3 == pytest.approx(sum(r["volume_mm3"] for r in rows.values()))
     names = {s.lesion_id: s.name for s in bridge.lesion_segments(segmentation)}
     assert names == {i: f"PRL {i}" for i in rows}
+
+
+def test_detection_rows_from_lesions_csv_keep_their_probability_until_the_lesion_is_edited(
+    logic, qsm_node, phantom_dir, tmp_path
+):
+    qsm = bridge.image_from_volume_node(qsm_node)
+    gt = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_dir / "gt_prl.nii.gz")))
+    labels = find_lesions(gt, qsm.GetSpacing(), 0, 26)
+    probability = np.where(labels > 0, 0.8, 0.1).astype(np.float32)
+    write_lesions_csv(tmp_path / "lesions.csv", measure_lesions(labels, sitk.GetArrayViewFromImage(qsm), qsm, probability))
+    review = logic.show_detection(qsm_node, labels, read_lesions_csv(tmp_path / "lesions.csv"))
+    assert {s.status for s in bridge.lesion_segments(review.segmentation_node)} == {bridge.CANDIDATE}
+    segmentation = review.segmentation_node
+    edited = bridge.segment_id_of_lesion(segmentation, 1)
+    mask = bridge.labels_from_segmentation(segmentation, qsm_node, [edited]) > 0
+    mask.ravel()[np.flatnonzero(mask)[:1]] = False
+    bridge.set_segment_from_array(segmentation, edited, mask, qsm_node)
+
+    rows = _rows_by_id(logic.update_burden(segmentation).table_node)
+
+    assert math.isnan(rows[1]["probability_mean"]), "no probability map: an edited lesion has no probability"
+    assert all(rows[i]["probability_mean"] == pytest.approx(0.8) for i in rows if i != 1)
 
 
 def test_a_segment_in_two_pieces_stays_one_lesion(logic, review, qsm_node):
