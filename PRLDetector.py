@@ -34,9 +34,10 @@ from PRLDetectorLib.settings import CONNECTIVITIES, DEVICES, DetectionSettings
 LIB_MODULES = (
     "errors", "settings", "process", "models", "images", "lesions", "features", "burden", "segments",
     "registration", "inference", "evaluation", "pipeline", "dataset", "phantom_anatomy", "phantom_lesions",
-    "phantom", "training", "cli", "mrml_bridge", "slicer_logic",
+    "phantom", "training", "batch", "bids", "dicom_seg", "cli", "mrml_bridge", "slicer_logic",
 )
-"""Library submodules in dependency order, for reloading (modules not imported yet are skipped)."""
+"""Library submodules in dependency order, for reloading; modules not imported are skipped, and loaded
+modules missing from this list are reloaded after it."""
 
 REQUIREMENTS = (
     ("nnunetv2", "nnunetv2==2.8.1"),
@@ -48,7 +49,8 @@ REQUIREMENTS = (
     ("slicerio", "slicerio>=1.1"),
     ("tqdm", "tqdm>=4.60"),
 )
-"""(import name, pip requirement) of what the library needs besides PyTorch, as in pyproject.toml."""
+"""(import name, pip requirement) of what Slicer runs of the library (detection, review, the phantom), pinned
+as in pyproject.toml. PyTorch comes through the PyTorch extension instead."""
 
 PAPER_TITLE = "Deep Learning-Based Automated Detection and Burden Assessment of Paramagnetic Rim Lesions on QSM in MS"
 PAPER = f"Jeong E, Seo D, Moon HH, Yun H, Choi Y, Lee EJ. {PAPER_TITLE}. 2026."

@@ -71,12 +71,15 @@ def _progress_reporter(enabled_lines: bool, quiet: bool, description: str):
 def cmd_detect(args: argparse.Namespace) -> int:
     from PRLDetectorLib.images import read_image
     from PRLDetectorLib.pipeline import Detector, check_output_folder, write_result
+    from PRLDetectorLib.registration import check_overlap
 
     settings = _settings(args)
     settings.validate()
     check_output_folder(args.out, args.overwrite)
     qsm = read_image(args.qsm, "QSM")
     flair = read_image(args.flair, "FLAIR") if args.flair else None
+    if flair is not None:
+        check_overlap(flair, qsm)  # before the model loads: an input problem whatever the model
     detector = Detector(settings)
     detector.check_inputs(flair is not None)
     with _progress_reporter(args.progress_lines, args.quiet, "detect") as progress:
@@ -151,6 +154,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         iterations_per_epoch=args.iterations, val_iterations=args.val_iterations, seed=args.seed,
         device=args.device, fold=int(args.fold) if args.fold.isdigit() else args.fold,
     )
+    print(f"Model: {model}")
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.training import export_trained_model
+
+    model = export_trained_model(Path(args.work), args.dataset_id, Path(args.model_out), args.name, args.checkpoint,
+                                 int(args.fold) if args.fold.isdigit() else args.fold, seed=args.seed)
     print(f"Model: {model}")
     return 0
 
@@ -232,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
     train.set_defaults(func=cmd_train)
+
+    export_model = sub.add_parser("export-model", help="export a trained (or still training) nnU-Net run as a model")
+    export_model.add_argument("--work", required=True, help="the --work folder of `prl-detect train`")
+    export_model.add_argument("--dataset-id", type=int, default=501)
+    export_model.add_argument("--name", default="qsm")
+    export_model.add_argument("--model-out", required=True, help="model folder to write (must not exist)")
+    export_model.add_argument("--checkpoint", choices=("final", "latest", "best"), default="final",
+                              help="nnU-Net checkpoint: final, latest (saved every 5 epochs) or best (EMA pseudo-Dice)")
+    export_model.add_argument("--fold", default="0")
+    export_model.add_argument("--seed", type=int, default=0, help="the seed the run was trained with (for the card)")
+    export_model.set_defaults(func=cmd_export_model)
 
     export = sub.add_parser("export-dataset", help="add a corrected case to an nnU-Net raw dataset for retraining")
     export.add_argument("--dataset", required=True, help="nnU-Net raw dataset folder (created if missing)")

@@ -8,7 +8,14 @@
   patient sensitivity and specificity compare the predicted count with the true count at that cut-off.
 * Dice is computed per case on the binary masks (NaN when both are empty; such cases are left out of
   the mean) and pooled over all voxels of all cases.
-* Two prediction sets are compared on the same true PRLs with McNemar's exact test (paired hit flags).
+* Two prediction sets are compared as the paper compares its two models: lesion sensitivity on the same
+  true PRLs with McNemar's exact test (paired hit flags); lesion precision, whose denominators are each
+  model's own predictions and so not paired, with Fisher's exact test; patient classification at ≥ 1 and
+  ≥ 4 PRLs with McNemar's exact test on right/wrong calls paired by patient.
+* Lesion F1 is the harmonic mean of lesion sensitivity and precision.
+* Count agreement compares each patient's predicted PRL count with the true one: Spearman's rho, the
+  intraclass correlation ICC(2,1) (two-way random effects, absolute agreement, single rater; Shrout &
+  Fleiss 1979), and the mean difference predicted - true with Bland-Altman 95 % limits of agreement.
 
 Proportions are reported with Wilson 95 % confidence intervals, which behave at 0 % and 100 %.
 """
@@ -177,6 +184,22 @@ class CohortEvaluation:
         return Proportion(sum(c.pred_count < cutoff for c in negative), len(negative))
 
     @property
+    def lesion_f1(self) -> float:
+        """Harmonic mean of lesion sensitivity and precision (NaN when either is undefined)."""
+        sensitivity, precision = self.lesion_sensitivity.value, self.lesion_precision.value
+        if math.isnan(sensitivity) or math.isnan(precision):
+            return math.nan
+        return 2 * sensitivity * precision / (sensitivity + precision) if sensitivity + precision else 0.0
+
+    @property
+    def false_positives_per_patient(self) -> float:
+        return sum(c.false_positives for c in self.cases) / len(self.cases) if self.cases else math.nan
+
+    @property
+    def count_agreement(self) -> CountAgreement:
+        return count_agreement([c.gt_count for c in self.cases], [c.pred_count for c in self.cases])
+
+    @property
     def mean_dice(self) -> float:
         """Mean of the per-case Dice over the cases where it is defined (NaN if none)."""
         values = [c.dice for c in self.cases if not math.isnan(c.dice)]
@@ -200,6 +223,26 @@ class CohortEvaluation:
             plural = "PRL" if cutoff == 1 else "PRLs"
             rows.append((f"Patient sensitivity (>={cutoff} {plural})", self.patient_sensitivity(cutoff).with_ci()))
             rows.append((f"Patient specificity (>={cutoff} {plural})", self.patient_specificity(cutoff).with_ci()))
+        rows.append(("Lesion F1", _format_dice(self.lesion_f1)))
+        fp_patients = sum(c.false_positives > 0 for c in self.cases)
+        rows.append((
+            "False positives per patient",
+            f"{self.false_positives_per_patient:.2f} ({fp_patients} of {len(self.cases)} patients have any)"
+            if self.cases else "n/a",
+        ))
+        agreement = self.count_agreement
+        rows.append((
+            "PRL count, Spearman rho",
+            "n/a" if math.isnan(agreement.spearman_rho)
+            else f"{agreement.spearman_rho:.3f} ({_format_p(agreement.spearman_p)}, {agreement.n_patients} patients)",
+        ))
+        rows.append(("PRL count, ICC(2,1)", _format_dice(agreement.icc)))
+        low, high = agreement.limits_of_agreement
+        rows.append((
+            "PRL count, predicted - true",
+            "n/a" if math.isnan(agreement.mean_difference) else f"mean {agreement.mean_difference:+.2f}"
+            + ("" if math.isnan(low) else f", 95 % limits of agreement {low:+.2f} to {high:+.2f}"),
+        ))
         rows.append((f"Dice, mean of {dice_cases} case(s)", _format_dice(self.mean_dice)))
         rows.append(("Dice, pooled", _format_dice(self.pooled_dice)))
         width = max(len(label) for label, _ in rows)
@@ -235,10 +278,71 @@ class CohortEvaluation:
                 }
                 for cutoff in POSITIVE_CUTOFFS
             },
+            "lesion_f1": _json_float(self.lesion_f1),
+            "false_positives_per_patient": _json_float(self.false_positives_per_patient),
+            "count_agreement": self.count_agreement.to_dict(),
             "dice_mean": _json_float(self.mean_dice),
             "dice_pooled": _json_float(self.pooled_dice),
             "cases": [c.to_dict() for c in self.cases],
         }
+
+
+@dataclass(frozen=True)
+class CountAgreement:
+    """How well the predicted PRL count of each patient agrees with the true count."""
+
+    n_patients: int
+    spearman_rho: float
+    spearman_p: float
+    icc: float
+    """ICC(2,1): two-way random effects, absolute agreement, single rater."""
+    mean_difference: float
+    """Mean of predicted - true count."""
+    limits_of_agreement: tuple[float, float]
+    """Bland-Altman: mean difference ± 1.96 standard deviations of the differences."""
+
+    def to_dict(self) -> dict:
+        return {
+            "n_patients": self.n_patients,
+            "spearman_rho": _json_float(self.spearman_rho),
+            "spearman_p": _json_float(self.spearman_p),
+            "icc_2_1": _json_float(self.icc),
+            "mean_difference": _json_float(self.mean_difference),
+            "limits_of_agreement": [_json_float(v) for v in self.limits_of_agreement],
+        }
+
+
+def icc_2_1(ratings: np.ndarray) -> float:
+    """ICC(2,1) of an (n subjects, k raters) array; NaN when there is no variance to explain."""
+    ratings = np.asarray(ratings, dtype=float)
+    n, k = ratings.shape
+    if n < 2 or k < 2:
+        return math.nan
+    grand = ratings.mean()
+    subject_means, rater_means = ratings.mean(axis=1), ratings.mean(axis=0)
+    ms_subjects = k * float(((subject_means - grand) ** 2).sum()) / (n - 1)
+    ms_raters = n * float(((rater_means - grand) ** 2).sum()) / (k - 1)
+    residual = ratings - subject_means[:, None] - rater_means[None, :] + grand
+    ms_error = float((residual**2).sum()) / ((n - 1) * (k - 1))
+    denominator = ms_subjects + (k - 1) * ms_error + k * (ms_raters - ms_error) / n
+    return (ms_subjects - ms_error) / denominator if denominator > 0 else math.nan
+
+
+def count_agreement(true_counts: Sequence[int], predicted_counts: Sequence[int]) -> CountAgreement:
+    """Spearman, ICC(2,1) and Bland-Altman of per-patient PRL counts (NaN where undefined)."""
+    true = np.asarray(true_counts, dtype=float)
+    predicted = np.asarray(predicted_counts, dtype=float)
+    n = int(true.size)
+    rho = p_value = math.nan
+    if n >= 3 and np.ptp(true) > 0 and np.ptp(predicted) > 0:
+        rho, p_value = (float(v) for v in stats.spearmanr(true, predicted))
+    differences = predicted - true
+    mean = float(differences.mean()) if n else math.nan
+    spread = 1.959963984540054 * float(differences.std(ddof=1)) if n > 1 else math.nan
+    return CountAgreement(
+        n_patients=n, spearman_rho=rho, spearman_p=p_value, icc=icc_2_1(np.stack([true, predicted], axis=1)),
+        mean_difference=mean, limits_of_agreement=(mean - spread, mean + spread),
+    )
 
 
 @dataclass(frozen=True)
@@ -253,15 +357,100 @@ class McNemarResult:
     c: int
     n_pairs: int
     p_value: float
+    outcome: str = "hit"
+    """What a success is, for the printout: "hit" (a lesion) or "right" (a patient's classification)."""
+    pairs: str = "paired lesions"
 
     def __str__(self) -> str:
         return (
-            f"{self.b} hit by A only, {self.c} by B only, of {self.n_pairs} paired lesions; "
+            f"{self.b} {self.outcome} by A only, {self.c} by B only, of {self.n_pairs} {self.pairs}; "
             f"exact two-sided p = {self.p_value:.4g}"
         )
 
     def to_dict(self) -> dict:
-        return {"b": self.b, "c": self.c, "n_pairs": self.n_pairs, "p_value": self.p_value}
+        return {"b": self.b, "c": self.c, "n_pairs": self.n_pairs, "p_value": self.p_value, "pairs": self.pairs}
+
+
+@dataclass(frozen=True)
+class ProportionComparison:
+    """Two proportions over different items (A's and B's own predicted lesions): Fisher's exact test."""
+
+    a: Proportion
+    b: Proportion
+    p_value: float
+
+    def __str__(self) -> str:
+        return f"A {self.a} against B {self.b}; Fisher's exact two-sided p = {self.p_value:.4g}"
+
+    def to_dict(self) -> dict:
+        return {"a": self.a.to_dict(), "b": self.b.to_dict(), "p_value": self.p_value}
+
+
+def compare_proportions(a: Proportion, b: Proportion) -> ProportionComparison:
+    """Fisher's exact test of two independent proportions (p = 1 when either is 0/0)."""
+    if not a.total or not b.total:
+        return ProportionComparison(a, b, 1.0)
+    table = [[a.successes, a.total - a.successes], [b.successes, b.total - b.successes]]
+    return ProportionComparison(a, b, float(stats.fisher_exact(table)[1]))
+
+
+@dataclass(frozen=True)
+class EvaluationComparison:
+    """Model A against model B on the same ground truth, the tests of the paper.
+
+    Lesion sensitivity is compared on the same true PRLs (McNemar, paired); lesion precision over each
+    model's own predicted lesions, which are not the same lesions (Fisher's exact test); patient
+    classification at each cut-off on the same patients (McNemar on right/wrong per patient).
+    """
+
+    lesion_sensitivity: McNemarResult
+    lesion_precision: ProportionComparison
+    patient_classification: dict[int, McNemarResult]
+
+    def format_table(self) -> str:
+        lines = [
+            f"  Lesion sensitivity (McNemar):  {self.lesion_sensitivity}",
+            f"  Lesion precision (Fisher):     {self.lesion_precision}",
+        ]
+        for cutoff, result in self.patient_classification.items():
+            label = f"Patients, >={cutoff} {'PRL' if cutoff == 1 else 'PRLs'} (McNemar):"
+            lines.append(f"  {label:<30} {result}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "lesion_sensitivity_mcnemar": self.lesion_sensitivity.to_dict(),
+            "lesion_precision_fisher": self.lesion_precision.to_dict(),
+            "patient_classification_mcnemar": {f"ge{k}": v.to_dict() for k, v in self.patient_classification.items()},
+        }
+
+
+def compare_patient_classification(eval_a: CohortEvaluation, eval_b: CohortEvaluation, cutoff: int = 1) -> McNemarResult:
+    """McNemar's test of right/wrong PRL-positive calls (≥ ``cutoff`` PRLs), paired by patient."""
+    cases_a = {c.case_id: c for c in eval_a.cases}
+    cases_b = {c.case_id: c for c in eval_b.cases}
+    if cases_a.keys() != cases_b.keys():
+        differing = sorted(cases_a.keys() ^ cases_b.keys())[0]
+        raise InputError(
+            f"The two evaluations cover different patients ('{differing}' is in only one); evaluate both "
+            "prediction sets on the same patients."
+        )
+    keys = sorted(cases_a)
+
+    def right(case: CaseEvaluation) -> bool:
+        return (case.pred_count >= cutoff) == (case.gt_count >= cutoff)
+
+    result = mcnemar([right(cases_a[k]) for k in keys], [right(cases_b[k]) for k in keys])
+    return McNemarResult(result.b, result.c, result.n_pairs, result.p_value, outcome="right", pairs="patients")
+
+
+def compare_evaluations(eval_a: CohortEvaluation, eval_b: CohortEvaluation) -> EvaluationComparison:
+    """Every comparison of the paper between two prediction sets on the same ground truth."""
+    return EvaluationComparison(
+        lesion_sensitivity=compare_lesion_detection(eval_a, eval_b),
+        lesion_precision=compare_proportions(eval_a.lesion_precision, eval_b.lesion_precision),
+        patient_classification={k: compare_patient_classification(eval_a, eval_b, k) for k in POSITIVE_CUTOFFS},
+    )
 
 
 def evaluate_case(
@@ -307,12 +496,16 @@ def evaluate_case(
     )
 
 
-def evaluate_folders(gt_dir: Path, pred_dir: Path, *, min_overlap_voxels: int = 1) -> CohortEvaluation:
+def evaluate_folders(
+    gt_dir: Path, pred_dir: Path, *, min_overlap_voxels: int = 1, skip_missing: bool = False
+) -> CohortEvaluation:
     """Evaluate every case of ``gt_dir`` against the prediction of the same name in ``pred_dir``.
 
     ``gt_dir`` holds one folder per case with ``gt_prl.nii.gz`` (binary PRL mask) and optionally
     ``gt_instances.nii.gz`` (lesion ids) with ``truth.json`` (the class of each id); ``pred_dir`` holds
     folders of the same names with ``prl_labels.nii.gz``. Either may also be a single case folder.
+    A case with ground truth but no prediction is an input error, or with ``skip_missing`` left out with a
+    warning (a batch report over the patients that did not fail).
     """
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     for what, folder in (("ground-truth", gt_dir), ("prediction", pred_dir)):
@@ -337,6 +530,10 @@ def evaluate_folders(gt_dir: Path, pred_dir: Path, *, min_overlap_voxels: int = 
         if extra:
             logger.warning("Predictions without ground truth are ignored: %s.", ", ".join(extra))
 
+    unpredicted = [case_id for case_id, _, pred_case in pairs if not (pred_case / PRED_LABELS_NAME).is_file()]
+    if skip_missing and unpredicted:
+        logger.warning("Cases with ground truth but no prediction are left out: %s.", ", ".join(unpredicted))
+        pairs = [pair for pair in pairs if pair[0] not in unpredicted]
     for case_id, _, pred_case in pairs:
         if not (pred_case / PRED_LABELS_NAME).is_file():
             raise InputError(
@@ -480,6 +677,10 @@ def _integer_labels(array: np.ndarray, case_id: str, name: str) -> np.ndarray:
 
 def _rounded(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(round(v, 3) for v in values)
+
+
+def _format_p(value: float) -> str:
+    return "p < 0.001" if value < 0.001 else f"p = {value:.3f}"
 
 
 def _format_dice(value: float) -> str:

@@ -189,7 +189,10 @@ def segmentation_from_labels(
     if reference_node.GetParentTransformNode():
         segmentation_node.SetAndObserveTransformNodeID(reference_node.GetParentTransformNode().GetID())
     if ids:
-        _import_labels(scene, array, reference_node, segmentation_node, [f"PRL_{i}" for i in ids])
+        # The import maps label value v to the v-th segment id, so number the lesions 1..n without gaps.
+        consecutive = np.zeros(max(ids) + 1, dtype=np.uint16)
+        consecutive[ids] = np.arange(1, len(ids) + 1, dtype=np.uint16)
+        _import_labels(scene, consecutive[array], reference_node, segmentation_node, [f"PRL_{i}" for i in ids])
     segmentation = segmentation_node.GetSegmentation()
     for lesion_id in ids:
         segment = segmentation.GetSegment(f"PRL_{lesion_id}")
@@ -206,7 +209,7 @@ def segmentation_from_labels(
 
 
 def _import_labels(scene, array: np.ndarray, reference_node, segmentation_node, segment_ids: Sequence[str]) -> None:
-    """Import label values 1..n of ``array`` (in ascending order) into the given segment ids."""
+    """Import label value v of ``array`` into ``segment_ids[v - 1]``."""
     with _temporary_nodes(scene):
         labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_import__")
         labelmap.CopyOrientation(reference_node)

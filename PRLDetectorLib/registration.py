@@ -65,6 +65,17 @@ def overlap_fraction(a: sitk.Image, b: sitk.Image) -> float:
     return float(common / smaller) if smaller > 0 else 0.0
 
 
+def check_overlap(flair: sitk.Image, qsm: sitk.Image) -> float:
+    """Raise InputError when FLAIR and QSM share too little physical space; return the overlap fraction."""
+    overlap = overlap_fraction(flair, qsm)
+    if overlap < MIN_OVERLAP_FRACTION:
+        raise InputError(
+            f"The FLAIR does not overlap the QSM in physical space ({overlap:.0%} of the smaller volume); "
+            "check that both belong to the same patient and session, or register them first."
+        )
+    return overlap
+
+
 def _outline(image: sitk.Image) -> sitk.Image:
     """Head mask of a FLAIR (Otsu) or QSM (non-zero support) as uint8."""
     values = sitk.GetArrayViewFromImage(image)
@@ -99,12 +110,7 @@ def flair_to_qsm_grid(flair: sitk.Image, qsm: sitk.Image, mode: str = "auto") ->
         raise InputError(f"FLAIR alignment '{mode}' is unknown; use one of {', '.join(ALIGN_MODES)}.")
     if same_grid(flair, qsm):
         return flair, Alignment("identical grid", 1.0, 1.0, 1.0)
-    overlap = overlap_fraction(flair, qsm)
-    if overlap < MIN_OVERLAP_FRACTION:
-        raise InputError(
-            f"The FLAIR does not overlap the QSM in physical space ({overlap:.0%} of the smaller volume); "
-            "check that both belong to the same patient and session, or register them first."
-        )
+    overlap = check_overlap(flair, qsm)
     identity = sitk.Transform(3, sitk.sitkIdentity)
     resampled = _resample(flair, qsm, identity)
     qsm_outline = _outline(qsm)

@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,7 +181,6 @@ def export_model(trainer_dir: Path, fold: int | str, destination: Path, card: di
         shutil.copy2(trainer_dir / name, staging / name)
     card = dict(card)
     card["checkpoint_sha256"] = sha256_of(staging / f"fold_{fold}" / "checkpoint_final.pth")
-    card["epochs_trained"] = source.get("current_epoch")
     (staging / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
     staging.rename(destination)
     size_mb = sum(p.stat().st_size for p in destination.rglob("*") if p.is_file()) / 1e6
@@ -190,22 +188,15 @@ def export_model(trainer_dir: Path, fold: int | str, destination: Path, card: di
     return destination
 
 
-def training_curve(trainer_dir: Path, fold: int | str = 0) -> list[dict]:
-    """Per-epoch train loss, validation loss and pseudo-Dice from nnU-Net's checkpoint log."""
-    import torch
-
-    checkpoint = torch.load(trainer_dir / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    log = checkpoint["logging"]
-    keys = ("train_losses", "val_losses", "ema_fg_dice", "dice_per_class_or_region")
-    n = len(log.get("train_losses", []))
+def training_curve(log: dict) -> list[dict]:
+    """Per-epoch train loss, validation loss and EMA pseudo-Dice from the log nnU-Net keeps in a checkpoint."""
     rows = []
-    for epoch in range(n):
+    for epoch in range(len(log.get("train_losses", []))):
         row = {"epoch": epoch}
-        for key in keys:
+        for key in ("train_losses", "val_losses", "ema_fg_dice"):
             values = log.get(key, [])
             if epoch < len(values):
-                value = values[epoch]
-                row[key] = [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+                row[key] = float(values[epoch])
         rows.append(row)
     return rows
 
@@ -213,41 +204,68 @@ def training_curve(trainer_dir: Path, fold: int | str = 0) -> list[dict]:
 def run_training_job(
     cases_dir: Path, work_dir: Path, model_out: Path, name: str, with_flair: bool, dataset_id: int,
     small: bool, epochs: int, iterations_per_epoch: int, val_iterations: int, seed: int, device: str,
-    fold: int | str = 0, description: str = "",
+    fold: int | str = 0,
 ) -> Path:
     """The whole ``prl-detect train``: dataset, planning, training, export. Returns the model folder."""
     if model_out.exists():
         raise InputError(f"The model folder '{model_out}' exists already; remove it or choose another.")
     folders = TrainingFolders(work_dir)
     folders.activate()
-    started = time.time()
     raw = folders.raw / dataset_name(dataset_id, name)
     n_cases = build_raw_dataset(cases_dir, raw, with_flair)
     logger.info("Raw dataset %s: %d cases", raw, n_cases)
     plan_and_preprocess(folders, dataset_id)
     plans_name = SMALL_PLANS if small else DEFAULT_PLANS
-    trainer = train(folders, dataset_id, plans_name, epochs, iterations_per_epoch, val_iterations, fold, seed, device)
-    trainer_dir = Path(trainer.output_folder_base)
-    minutes = (time.time() - started) / 60
-    curve = training_curve(trainer_dir, fold)
+    train(folders, dataset_id, plans_name, epochs, iterations_per_epoch, val_iterations, fold, seed, device)
+    return export_trained_model(work_dir, dataset_id, model_out, name, "final", fold, cases_dir=cases_dir, seed=seed)
+
+
+def export_trained_model(
+    work_dir: Path, dataset_id: int, model_out: Path, name: str, checkpoint: str = "final", fold: int | str = 0,
+    cases_dir: Path | None = None, seed: int | None = None,
+) -> Path:
+    """Export a trained (or still training: ``checkpoint="latest"``) nnU-Net run as a model folder with its
+    card and training curve."""
+    import torch
+
     from PRLDetectorLib import __version__
 
+    folders = TrainingFolders(Path(work_dir))
+    results = next(iter(sorted(folders.results.glob(f"Dataset{dataset_id:03d}_*"))), None)
+    if results is None:
+        raise InputError(f"'{folders.results}' holds no trained dataset {dataset_id}; train it first.")
+    trainer_dir = next(iter(sorted(results.glob(f"nnUNetTrainer__*__{CONFIGURATION}"))))
+    fold_dir = trainer_dir / f"fold_{fold}"
+    state = torch.load(fold_dir / f"checkpoint_{checkpoint}.pth", map_location="cpu", weights_only=False)
+    log = state.get("logging", {})
+    curve = training_curve(log)
+    debug = json.loads((fold_dir / "debug.json").read_text(encoding="utf-8")) if (fold_dir / "debug.json").is_file() else {}
+    channels = json.loads((trainer_dir / "dataset.json").read_text(encoding="utf-8"))["channel_names"]
+    with_flair = len(channels) == 2
+    starts, ends = log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", [])
+    wall = (ends[-1] - starts[0]) / 60 if starts and ends else None
     card = {
         "name": name,
         "title": "QSM + FLAIR" if with_flair else "QSM only",
         "version": __version__,
-        "channels": ["QSM", "FLAIR"] if with_flair else ["QSM"],
-        "description": description or "PRL (whole lesion) segmentation, nnU-Net v2 3d_fullres",
-        "plans": plans_name,
-        "trained_on": {"cases_dir": str(cases_dir), "cases": n_cases, "fold": fold, "seed": seed},
+        "channels": [channels[k] for k in sorted(channels, key=int)],
+        "description": "PRL (whole lesion = rim + core) segmentation, nnU-Net v2 3d_fullres, small CPU plan"
+        if SMALL_PLANS in trainer_dir.name else "PRL (whole lesion) segmentation, nnU-Net v2 3d_fullres",
+        "plans": trainer_dir.name.split("__")[1],
+        "trained_on": {"cases_dir": str(cases_dir) if cases_dir else None, "fold": fold, "seed": seed,
+                       "dataset": results.name},
         "training": {
-            "epochs": epochs, "iterations_per_epoch": iterations_per_epoch, "wall_minutes": round(minutes, 1),
+            "epochs_planned": int(debug["num_epochs"]) if "num_epochs" in debug else None,
+            "epochs": int(state.get("current_epoch", len(curve))),
+            "iterations_per_epoch": int(debug["num_iterations_per_epoch"]) if "num_iterations_per_epoch" in debug else None,
+            "checkpoint": checkpoint,
+            "wall_minutes": round(wall, 1) if wall else None,
             "final_ema_pseudo_dice": curve[-1].get("ema_fg_dice") if curve else None,
-            "device": device, "cpu_count": os.cpu_count(),
+            "cpu_count": os.cpu_count(),
         },
-        "orientation": _training_orientation(raw),
+        "orientation": _training_orientation(folders.raw / results.name),
     }
-    model = export_model(trainer_dir, fold, model_out, card)
+    model = export_model(trainer_dir, fold, Path(model_out), card, checkpoint=f"checkpoint_{checkpoint}.pth")
     write_training_curve(curve, model / "training_curve.csv")
     return model
 

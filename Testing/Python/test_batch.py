@@ -6,14 +6,14 @@ import csv
 import shutil
 
 import pytest
-
 from conftest import require_model
-from PRLDetectorLib.batch import run_batch
+
+from PRLDetectorLib.batch import CaseExports, run_batch
+from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.settings import DetectionSettings
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_a_batch_records_a_failing_patient_goes_on_and_resumes_without_redoing_work(tmp_path, small_case):
     require_model("qsm")
     cases = tmp_path / "cases"
@@ -39,3 +39,58 @@ def test_a_batch_records_a_failing_patient_goes_on_and_resumes_without_redoing_w
     assert report.skipped == ["p01"] and report.done == ["p03"]
     assert (out / "p01" / "burden.json").stat().st_mtime_ns == first
     assert [r["case_id"] for r in csv.DictReader(open(out / "burden.csv"))] == ["p01", "p03"]
+
+
+@pytest.fixture(scope="module")
+def finished_cohort(tmp_path_factory):
+    """Two tiny phantom patients and their results, as an interrupted batch left them."""
+    from result_fixtures import write_phantom, write_truth_result_of_case
+
+    root = tmp_path_factory.mktemp("finished")
+    for index, n_prl in enumerate((1, 0)):
+        case = write_phantom(root / "cases", f"p{index}", seed=41 + index, n_prl=n_prl, with_flair=False)
+        write_truth_result_of_case(case, root / "out" / case.name)
+    return root
+
+
+def test_a_resumed_batch_only_adds_the_missing_reports_and_needs_no_model(finished_cohort, tmp_path):
+    cases, out = finished_cohort / "cases", tmp_path / "out"
+    shutil.copytree(finished_cohort / "out", out)
+    before = (out / "p0" / "burden.json").stat().st_mtime_ns
+
+    report = run_batch(cases, out, DetectionSettings(model="no-such-model"), progress=False,
+                       exports=CaseExports(report=True))
+    assert report.skipped == ["p0", "p1"] and not report.done and not report.failed
+    assert (out / "p0" / "burden.json").stat().st_mtime_ns == before
+    assert "PRL 1" in (out / "p0" / "report.html").read_text()
+    assert "No PRL was found." in (out / "p1" / "report.html").read_text()
+    assert "cohort of 2 patient(s)" in (out / "report.html").read_text()
+
+
+def test_a_missing_model_stops_the_batch_before_any_patient(finished_cohort, tmp_path):
+    cases = tmp_path / "cases"
+    shutil.copytree(finished_cohort / "cases" / "p0", cases / "p0")
+    with pytest.raises(InputError, match="no-such-model"):
+        run_batch(cases, tmp_path / "out", DetectionSettings(model="no-such-model"), progress=False)
+    assert not (tmp_path / "out" / "p0").exists()
+
+
+def test_the_batch_command_takes_cases_or_bids_not_both(tmp_path):
+    parser = _cohort_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["batch", "--cases", "a", "--bids", "b", "--out", "c"])
+    args = parser.parse_args(["batch", "--bids", "b", "--out", "c", "--workers", "2", "--report", "--gt", "g"])
+    assert (args.bids, args.workers, args.report, args.gt, args.model) == ("b", 2, True, "g", "qsm")
+    with pytest.raises(InputError, match="add --report"):
+        args.func(parser.parse_args(["batch", "--cases", "a", "--out", "c", "--gt", "g"]))
+
+
+def _cohort_parser():
+    import argparse
+
+    from PRLDetectorLib import cohort_cli
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-q", "--quiet", action="store_true")
+    cohort_cli.register(parser.add_subparsers(dest="command", required=True))
+    return parser

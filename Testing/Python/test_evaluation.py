@@ -250,3 +250,72 @@ def test_two_prediction_sets_are_compared_on_the_same_true_prls(cohort_folders, 
     only_p02 = evaluate_folders(gt_dir / "p02", pred_dir / "p02")
     with pytest.raises(InputError, match="same ground truth"):
         compare_lesion_detection(evaluate_folders(gt_dir, pred_dir), only_p02)
+
+
+def test_lesion_f1_and_false_positives_per_patient_follow_from_the_counts():
+    cohort = CohortEvaluation(
+        cases=(
+            _case("A", gt_count=5, pred_count=4, detected=4, matched=4),
+            _case("B", gt_count=2, pred_count=0),
+            _case("C", gt_count=0, pred_count=1),
+            _case("D", gt_count=0, pred_count=0),
+        )
+    )
+    # Sensitivity 4/7, precision 4/5: F1 = 2 * (4/7) * (4/5) / (4/7 + 4/5) = 8/12.
+    assert cohort.lesion_f1 == pytest.approx(2 / 3)
+    assert cohort.false_positives_per_patient == pytest.approx(1 / 4)  # one, in C
+    table = cohort.format_table()
+    assert "Lesion F1                       0.667" in table
+    assert "0.25 (1 of 4 patients have any)" in table
+
+
+def test_icc_of_a_constant_offset_matches_the_hand_computed_value():
+    from PRLDetectorLib.evaluation import icc_2_1
+
+    # True 1, 2, 3 and predicted 2, 3, 4: MS subjects 2, MS raters 1.5, MS error 0, so
+    # ICC(2,1) = 2 / (2 + 0 + 2 * 1.5 / 3) = 2/3 (a perfect rank agreement, one PRL too many each).
+    assert icc_2_1(np.array([[1, 2], [2, 3], [3, 4]])) == pytest.approx(2 / 3)
+    assert icc_2_1(np.array([[0, 0], [2, 2], [5, 5]])) == pytest.approx(1.0)
+
+
+def test_count_agreement_reports_spearman_and_bland_altman_limits():
+    from PRLDetectorLib.evaluation import count_agreement
+
+    agreement = count_agreement([0, 1, 2, 3, 4], [0, 2, 2, 4, 4])
+    differences = np.array([0, 1, 0, 1, 0])
+    assert agreement.mean_difference == pytest.approx(0.4)
+    half = 1.959964 * differences.std(ddof=1)
+    assert agreement.limits_of_agreement == pytest.approx((0.4 - half, 0.4 + half), abs=1e-5)
+    # Ranks 1..5 against 1, 2.5, 2.5, 4.5, 4.5 (ties averaged): Sxy 9, Sxx 10, Syy 9, so rho = 9 / sqrt(90).
+    assert agreement.spearman_rho == pytest.approx(9 / math.sqrt(90))
+    json.dumps(agreement.to_dict(), allow_nan=False)
+
+
+def test_the_papers_precision_comparison_is_fishers_exact_test_on_its_counts():
+    from PRLDetectorLib.evaluation import compare_proportions
+
+    # Internal test set: QSM only 147/188 against QSM + FLAIR 126/192, reported as P = 0.009.
+    result = compare_proportions(Proportion(147, 188), Proportion(126, 192))
+    assert round(result.p_value, 3) == 0.009
+    assert "78.2 % (147/188)" in str(result)
+
+
+def test_patient_classification_is_compared_with_mcnemar_paired_by_patient():
+    from PRLDetectorLib.evaluation import compare_evaluations
+
+    a = CohortEvaluation(cases=(
+        _case("A", 5, 4, detected=4, matched=4), _case("B", 2, 1, detected=1, matched=1),
+        _case("C", 0, 0), _case("D", 0, 0),
+    ))
+    b = CohortEvaluation(cases=(
+        _case("A", 5, 5, detected=5, matched=5), _case("B", 2, 0), _case("C", 0, 2), _case("D", 0, 1),
+    ))
+    comparison = compare_evaluations(a, b)
+    # At >= 1: A is right on all four patients, B only on A; three discordant pairs, all for A: p = 2 / 2**3.
+    at_one = comparison.patient_classification[1]
+    assert (at_one.b, at_one.c, at_one.n_pairs) == (3, 0, 4)
+    assert at_one.p_value == pytest.approx(0.25)
+    assert "3 right by A only, 0 by B only, of 4 patients" in comparison.format_table()
+    # Lesions: A hits 5 of 7 true PRLs, B 5; B's extra hit on A's case is paired against A's hit on B.
+    assert comparison.lesion_sensitivity.n_pairs == 7
+    json.dumps(comparison.to_dict(), allow_nan=False)

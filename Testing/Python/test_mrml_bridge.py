@@ -355,3 +355,16 @@ def test_many_segments_get_no_automatic_3d_surfaces(scene, qsm_node, oblique_cas
     assert not segmentation.GetSegmentation().ContainsRepresentation(
         slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
     )
+
+
+def test_lesion_ids_with_gaps_keep_their_own_voxels(scene, qsm_node, oblique_case):
+    labels = oblique_case[1]
+    ids = _ids(labels)
+    gappy = np.zeros_like(labels)
+    gappy[labels == ids[0]] = 7
+    gappy[labels == ids[1]] = 3
+    segmentation = bridge.segmentation_from_labels(scene, gappy, qsm_node, "PRLs")
+    assert [s.lesion_id for s in bridge.lesion_segments(segmentation)] == [3, 7]
+    for lesion_id in (3, 7):
+        exported = bridge.labels_from_segmentation(segmentation, qsm_node, [f"PRL_{lesion_id}"])
+        assert np.array_equal(exported == 1, gappy == lesion_id)

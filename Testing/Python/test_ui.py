@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 import xml.etree.ElementTree as ET
 from dataclasses import fields
 from pathlib import Path
@@ -153,21 +154,63 @@ def test_the_widgets_start_at_the_default_settings(ui):
     assert 0 < low < defaults.threshold < high < 1
 
 
-def test_dependencies_offered_in_slicer_are_the_packages_the_library_declares(module_tree):
-    requirements = _constant(module_tree, "REQUIREMENTS")
-    # tomllib is 3.11+; the list is a plain TOML array of strings, which Python reads as a list literal.
-    block = re.search(r"^dependencies = (\[.*?\])", (REPO / "pyproject.toml").read_text(), re.S | re.M)
-    declared = ast.literal_eval(re.sub(r"#.*", "", block.group(1)))
-    assert sorted(r for _, r in requirements) == sorted(d for d in declared if not d.startswith("torch"))
+SLICER_RUNS = ("slicer_logic", "mrml_bridge", "pipeline", "phantom", "dataset", "segments")
+"""Library modules that run in Slicer or in its detection child process."""
+PROVIDED = {"slicer", "vtk", "torch"}
+"""Slicer brings slicer and vtk; torch comes through the PyTorch extension."""
+PIP_NAMES = {"cc3d": "connected-components-3d"}
+
+
+def _third_party_imports(modules) -> set[str]:
+    """Top-level third-party packages imported (anywhere in the file) by ``modules`` and the library
+    modules they import, transitively."""
+    lib = REPO / "PRLDetectorLib"
+    seen, found, todo = set(), set(), list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((lib / f"{name}.py").read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + (
+                    [f"PRLDetectorLib.{a.name}" for a in node.names] if node.module == "PRLDetectorLib" else []
+                )
+            for imported in names:
+                top, _, rest = imported.partition(".")
+                if top == "PRLDetectorLib":
+                    sub = rest.split(".")[0]
+                    if sub and (lib / f"{sub}.py").is_file():
+                        todo.append(sub)
+                elif top not in sys.stdlib_module_names:
+                    found.add(top)
+    return found
+
+
+def test_dependencies_offered_in_slicer_cover_what_slicer_runs_as_the_library_pins_them(module_tree):
+    requirements = dict(_constant(module_tree, "REQUIREMENTS"))
+    # pyproject's dependency array holds one quoted requirement per line (tomllib is 3.11+).
+    block = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(), re.S | re.M).group(1)
+    declared = set(re.findall(r'"([^"]+)"', block))
+    assert set(requirements.values()) <= declared, set(requirements.values()) - declared
+    needed = _third_party_imports(SLICER_RUNS) - PROVIDED
+    # The phantom reads the MNI template files that nilearn ships, without importing nilearn.
+    needed.add("nilearn")
+    assert needed <= set(requirements), f"Slicer would not offer to install {sorted(needed - set(requirements))}"
+    for module in requirements:
+        assert requirements[module].startswith(PIP_NAMES.get(module, module))
     # torch comes through the PyTorch extension (GPU-aware), not as a pinned pip requirement.
-    assert "PyTorchUtils" in MODULE.read_text()
+    assert "torch" not in requirements and "PyTorchUtils" in MODULE.read_text()
 
 
-def test_reload_covers_every_library_module(module_tree):
+def test_reload_reloads_the_library_modules_it_lists_in_order_then_any_others(module_tree):
     listed = _constant(module_tree, "LIB_MODULES")
-    present = {p.stem for p in (REPO / "PRLDetectorLib").glob("*.py") if p.stem not in ("__init__", "__main__")}
-    assert set(listed) >= present, f"onReload would not reload {sorted(present - set(listed))}"
-    assert "importlib.reload" in MODULE.read_text() and "import imp\n" not in MODULE.read_text()
+    missing = [name for name in listed if not (REPO / "PRLDetectorLib" / f"{name}.py").is_file()]
+    assert not missing, f"LIB_MODULES names modules that do not exist: {missing}"
+    source = MODULE.read_text()
+    assert "importlib.reload" in source and 'startswith("PRLDetectorLib.")' in source
+    assert "import imp\n" not in source
 
 
 def test_the_module_is_titled_categorised_and_cites_the_study(module_source):

@@ -1,0 +1,219 @@
+"""The cohort commands of ``prl-detect``: ``batch``, ``report`` and ``associate``.
+
+:func:`register` adds them to the CLI's subparsers and gives ``detect`` the ``--report`` and
+``--dicom-seg`` options. Errors are :class:`InputError` sentences; the CLI exits 2 on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from PRLDetectorLib.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``batch``, ``report`` and ``associate``; extend ``detect`` and ``evaluate`` if they are there.
+
+    ``detect`` gains ``--report`` and ``--dicom-seg``; ``evaluate`` gains ``--min-overlap-voxels`` and is
+    run by :func:`cmd_evaluate`, which with ``--compare`` prints all of the paper's tests.
+    """
+    from PRLDetectorLib.cli import _add_detection_options
+
+    batch = subparsers.add_parser(
+        "batch", help="run many patients through one loaded model (resumable; BIDS; Dask scale-out)",
+        description="Detect PRLs in every patient of a folder of patient folders or of a BIDS dataset. Finished "
+        "patients are not redone; a failing patient is recorded in failures.csv and the batch goes on.",
+    )
+    source = batch.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cases", help="folder with one folder per patient: qsm.nii.gz (or a DICOM folder qsm/) "
+                        "[+ flair.nii.gz]")
+    source.add_argument("--bids", help="BIDS dataset: sub-*/[ses-*/]anat/*_Chimap.nii.gz [+ *_FLAIR.nii.gz]; also "
+                        "writes OUT/derivatives/prldetector")
+    batch.add_argument("--out", required=True, help="output folder; finished patients in it are not redone")
+    scale = batch.add_mutually_exclusive_group()
+    scale.add_argument("--workers", type=int, help="start a local Dask cluster of N single-threaded worker processes, "
+                       "each with the model loaded once (about 3 GB of memory each for a whole-brain 1 mm scan)")
+    scale.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786); its workers must "
+                       "see the input and output folders at the same paths")
+    batch.add_argument("--report", action="store_true", help="write report.html per patient and for the cohort")
+    batch.add_argument("--gt", help="ground-truth folder (<case>/gt_prl.nii.gz): the cohort report compares with it")
+    batch.add_argument("--dicom-seg", action="store_true",
+                       help="write prl_seg.dcm (DICOM SEG) for patients whose QSM is a DICOM series folder")
+    _add_detection_options(batch)
+    batch.set_defaults(func=cmd_batch)
+
+    report = subparsers.add_parser(
+        "report", help="HTML reports of a detect result or of a batch (lesion pictures, cohort statistics)"
+    )
+    report.add_argument("--results", required=True, help="output folder of detect (one patient) or of batch")
+    report.add_argument("--gt", help="ground-truth folder: predicted against true counts and the accuracy table")
+    report.add_argument("--redo", action="store_true", help="remake patient reports that exist already")
+    _add_association_options(report, required=False)
+    report.set_defaults(func=cmd_report)
+
+    associate = subparsers.add_parser(
+        "associate", help="PRL burden against a clinical outcome: Spearman and adjusted linear regression"
+    )
+    associate.add_argument("--burden", required=True, help="burden.csv of a batch")
+    _add_association_options(associate, required=True)
+    associate.add_argument("--plot", help="write the scatter plots to this PNG")
+    associate.add_argument("--json", help="write all figures to this JSON file")
+    associate.set_defaults(func=cmd_associate)
+
+    evaluate = subparsers.choices.get("evaluate")
+    if evaluate is not None:
+        evaluate.add_argument("--min-overlap-voxels", type=int, default=1,
+                              help="voxels a predicted lesion must share with a true PRL to hit it (default: 1)")
+        evaluate.set_defaults(func=cmd_evaluate)
+
+    detect = subparsers.choices.get("detect")
+    if detect is not None:
+        detect.add_argument("--report", action="store_true", help="also write report.html with lesion pictures")
+        detect.add_argument("--dicom-seg", action="store_true",
+                            help="also write prl_seg.dcm, a DICOM SEG on the QSM series (--qsm must be a DICOM folder)")
+        detect.set_defaults(func=_with_detect_exports(detect.get_default("func")))
+
+
+def _add_association_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--clinical", required=required, help="clinical table, CSV or TSV (e.g. participants.tsv)")
+    parser.add_argument("--outcome", required=required, help="outcome column of the clinical table, e.g. EDSS")
+    parser.add_argument("--covariates", nargs="*", default=[], metavar="COLUMN",
+                        help="columns to adjust the regression for (a two-valued text column such as sex is coded 0/1)")
+    parser.add_argument("--id-column", help="column to join on (default: case_id, else participant_id)")
+
+
+def _with_detect_exports(detect_func):
+    def cmd_detect_with_exports(args: argparse.Namespace) -> int:
+        if args.dicom_seg and not Path(args.qsm).is_dir():
+            raise InputError("--dicom-seg needs the QSM as a DICOM series folder (--qsm DIR), so the SEG can refer to it.")
+        code = detect_func(args)
+        if code == 0 and args.dicom_seg:
+            from PRLDetectorLib.batch import DICOM_SEG_NAME
+            from PRLDetectorLib.dicom_seg import write_result_dicom_seg
+
+            print(f"DICOM SEG: {write_result_dicom_seg(Path(args.out), Path(args.qsm), Path(args.out) / DICOM_SEG_NAME)}")
+        if code == 0 and args.report:
+            from PRLDetectorLib.report import write_case_report
+
+            print(f"Report: {write_case_report(Path(args.out))}")
+        return code
+
+    return cmd_detect_with_exports
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.evaluation import compare_evaluations, evaluate_folders
+
+    evaluation = evaluate_folders(Path(args.gt), Path(args.pred), min_overlap_voxels=args.min_overlap_voxels)
+    print(evaluation.format_table())
+    record = {"pred": str(args.pred), "gt": str(args.gt), "evaluation": evaluation.to_dict()}
+    if args.compare:
+        other = evaluate_folders(Path(args.gt), Path(args.compare), min_overlap_voxels=args.min_overlap_voxels)
+        comparison = compare_evaluations(evaluation, other)
+        print(f"\nB = {args.compare}:")
+        print(other.format_table())
+        print(f"\nA = {args.pred} against B:")
+        print(comparison.format_table())
+        record["compare"] = {
+            "pred": str(args.compare), "evaluation": other.to_dict(), "mcnemar": comparison.lesion_sensitivity.to_dict(),
+            "tests": comparison.to_dict(),
+        }
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        print(f"Written: {args.json}")
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.batch import CaseExports, check_scale_out, run_batch, run_bids_batch
+    from PRLDetectorLib.cli import _settings
+
+    settings = _settings(args)
+    settings.validate()
+    check_scale_out(args.workers, args.scheduler)
+    if args.gt and not args.report:
+        raise InputError("--gt is used by the cohort report; add --report, or run 'prl-detect evaluate'.")
+    exports = CaseExports(report=args.report, dicom_seg=args.dicom_seg)
+    run = run_bids_batch if args.bids else run_batch
+    try:
+        report = run(
+            Path(args.bids or args.cases), Path(args.out), settings, progress=not args.quiet, exports=exports,
+            workers=args.workers, scheduler=args.scheduler,
+        )
+    except KeyboardInterrupt:
+        print("prl-detect: interrupted; finished patients are kept. Run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    if args.report and args.gt:
+        from PRLDetectorLib.report import write_cohort_report
+
+        write_cohort_report(Path(args.out), gt_dir=Path(args.gt))
+    print(f"Done {len(report.done)}, already done {len(report.skipped)}, failed {len(report.failed)} "
+          f"in {report.wall_s / 60:.1f} min; cohort tables in {args.out}")
+    if report.done:
+        print(f"Throughput: {report.cases_per_hour:.1f} patients per hour")
+    for case_id, reason in sorted(report.failed.items()):
+        print(f"  {case_id}: {reason}")
+    if args.report:
+        print(f"Cohort report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.batch import REPORT_NAME
+    from PRLDetectorLib.pipeline import RESULT_MARKER
+    from PRLDetectorLib.report import write_case_report, write_cohort_report
+
+    results = Path(args.results)
+    if (results / RESULT_MARKER).is_file():
+        if args.gt or args.clinical:
+            raise InputError("--gt and --clinical are for a batch folder; give --results the output folder of batch.")
+        print(f"Report: {write_case_report(results)}")
+        return 0
+    if not (results / "burden.csv").is_file():
+        raise InputError(f"'{results}' is neither a detect result (burden.json) nor a batch output (burden.csv).")
+    if bool(args.clinical) != bool(args.outcome):
+        raise InputError("Give --clinical and --outcome together to add the association to the report.")
+    association = data = None
+    if args.clinical:  # before the patient pages, so that a bad table fails at once
+        from PRLDetectorLib.association import associate
+
+        association, data = associate(results / "burden.csv", Path(args.clinical), args.outcome, args.covariates,
+                                      args.id_column)
+    patients = sorted(p for p in results.iterdir() if (p / RESULT_MARKER).is_file())
+    from tqdm import tqdm
+
+    for patient in tqdm(patients, desc="Reports", unit="patient", disable=args.quiet):
+        if args.redo or not (patient / REPORT_NAME).is_file():
+            write_case_report(patient)
+    plot = None
+    if association is not None:
+        from PRLDetectorLib.association import plot_association
+
+        plot = plot_association(association, data, results / f"association_{_safe(args.outcome)}.png")
+    out = write_cohort_report(results, Path(args.gt) if args.gt else None, association, plot)
+    print(f"Cohort report: {out}")
+    return 0
+
+
+def cmd_associate(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.association import associate, plot_association
+
+    association, data = associate(Path(args.burden), Path(args.clinical), args.outcome, args.covariates, args.id_column)
+    print(association.format_table())
+    if args.plot:
+        print(f"Plot: {plot_association(association, data, Path(args.plot))}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(association.to_dict(), indent=2), encoding="utf-8")
+        print(f"Written: {args.json}")
+    return 0
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)

@@ -1,0 +1,95 @@
+"""Scale-out on Dask: patients as tasks on a cluster of worker processes, each keeping one model loaded."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+from conftest import require_model
+from result_fixtures import write_phantom, write_truth_result_of_case
+
+from PRLDetectorLib.batch import (
+    _WORKER_DETECTORS,
+    CaseExports,
+    check_scale_out,
+    run_batch,
+    worker_detector,
+)
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.settings import DetectionSettings
+
+
+@pytest.fixture(scope="module")
+def tiny_cases(tmp_path_factory):
+    """Three tiny QSM-only phantom patients (64 x 72 x 56 mm) with 2, 1 and 0 PRLs."""
+    folder = tmp_path_factory.mktemp("tiny")
+    for index, n_prl in enumerate((2, 1, 0)):
+        write_phantom(folder, f"p{index}", seed=31 + index, n_prl=n_prl, with_flair=False)
+    return folder
+
+
+def test_a_local_cluster_makes_the_missing_reports_and_records_a_lost_input_as_a_failure(tiny_cases, tmp_path):
+    cases, out = tmp_path / "cases", tmp_path / "out"
+    shutil.copytree(tiny_cases, cases)
+    for case in ("p0", "p1", "p2"):
+        write_truth_result_of_case(cases / case, out / case)
+    (cases / "p2" / "qsm.nii.gz").unlink()  # its report cannot be made any more
+    (cases / "p2" / "qsm.nii.gz").write_bytes(b"")  # ...but the patient folder is still found
+
+    seen = []
+    report = run_batch(
+        cases, out, DetectionSettings(model="no-such-model"), progress=False, exports=CaseExports(report=True),
+        workers=2, on_case=lambda case_id, status: seen.append((case_id, status)),
+    )
+    # Results existed: no detection (the model does not even exist), only the reports, made on the workers.
+    assert report.skipped == ["p0", "p1"] and not report.done
+    assert list(report.failed) == ["p2"] and "QSM" in report.failed["p2"]
+    assert sorted(seen) == [("p0", "skipped"), ("p1", "skipped"), ("p2", "failed")]
+    assert "PRL 2" in (out / "p0" / "report.html").read_text()
+    assert not (out / "p2" / "report.html").exists()
+    assert (out / "report.html").is_file()
+    assert [r["case_id"] for r in csv.DictReader(open(out / "failures.csv"))] == ["p2"]
+
+
+def test_workers_and_scheduler_together_or_no_worker_are_input_errors():
+    with pytest.raises(InputError, match="not both"):
+        check_scale_out(2, "tcp://127.0.0.1:8786")
+    with pytest.raises(InputError, match="starts no worker"):
+        check_scale_out(0, None)
+
+
+@pytest.mark.slow
+def test_two_workers_detect_a_cohort_record_a_broken_patient_and_resume(tiny_cases, tmp_path):
+    model = require_model("qsm")
+    cases, out = tmp_path / "cases", tmp_path / "out"
+    shutil.copytree(tiny_cases, cases)
+    (cases / "p3").mkdir()
+    (cases / "p3" / "qsm.nii.gz").write_text("not an image")
+    settings = DetectionSettings(model=str(model), device="cpu")
+
+    report = run_batch(cases, out, settings, progress=False, workers=2)
+    assert report.done == ["p0", "p1", "p2"]
+    assert "not an image" in report.failed["p3"]
+    assert report.cases_per_hour > 0
+    burden = list(csv.DictReader(open(out / "burden.csv")))
+    assert [r["case_id"] for r in burden] == ["p0", "p1", "p2"]
+    lesions = list(csv.DictReader(open(out / "lesions.csv")))
+    assert len(lesions) == sum(int(r["prl_count"]) for r in burden)
+    first = (out / "p0" / "burden.json").stat().st_mtime_ns
+
+    again = run_batch(cases, out, settings, progress=False, workers=2)
+    assert again.skipped == ["p0", "p1", "p2"] and list(again.failed) == ["p3"]
+    assert (out / "p0" / "burden.json").stat().st_mtime_ns == first
+
+
+@pytest.mark.slow
+def test_a_worker_keeps_one_model_loaded_per_settings():
+    model = require_model("qsm")
+    try:
+        first = worker_detector(DetectionSettings(model=str(model), device="cpu"))
+        assert worker_detector(DetectionSettings(model=str(model), device="cpu")) is first
+        other = worker_detector(DetectionSettings(model=str(model), device="cpu", threshold=0.7))
+        assert other is not first and len(_WORKER_DETECTORS) == 1
+    finally:
+        _WORKER_DETECTORS.clear()

@@ -1,0 +1,103 @@
+"""HTML reports: a page per patient with every lesion pictured, in radiological orientation, and a cohort page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from result_fixtures import write_phantom, write_truth_result_of_case
+
+from PRLDetectorLib.batch import BatchReport, write_cohort_tables
+from PRLDetectorLib.report import (
+    LESION_COLOR,
+    _planes,
+    case_report_html,
+    cohort_report_html,
+)
+
+PNG = re.compile(r"src='data:image/png;base64,([^']+)'")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Two phantom patients (2 PRLs with FLAIR; none without) and their results, as a batch leaves them."""
+    root = tmp_path_factory.mktemp("cohort")
+    cases, out = root / "cases", root / "out"
+    write_phantom(cases, "p1", seed=21, n_prl=2, with_flair=True)
+    write_phantom(cases, "p2", seed=22, n_prl=0, with_flair=False)
+    for case in ("p1", "p2"):
+        write_truth_result_of_case(cases / case, out / case)
+    return cases, out
+
+
+@pytest.fixture(scope="module")
+def p1_page(cohort) -> str:
+    return case_report_html(cohort[1] / "p1")
+
+
+def images(page: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") for data in PNG.findall(page)]
+
+
+def test_the_patient_page_shows_the_burden_the_table_and_one_picture_per_lesion(p1_page):
+    page = p1_page
+    assert "<b>2</b>" in page  # the PRL count
+    assert page.count("<tr>") == 3  # header and two lesions
+    pictures = images(page)
+    assert len(pictures) == 2
+    assert "Radiological convention" in page
+    # Self-contained: every image is inline, nothing is fetched from elsewhere.
+    assert "src='http" not in page and "src=\"" not in page
+    # QSM and FLAIR rows: the strip is about twice as tall as a QSM-only one would be.
+    width, height = pictures[0].size
+    assert width > 900 and height > 0.4 * width
+
+
+def test_each_lesion_picture_draws_the_lesion_outline(p1_page):
+    picture = np.asarray(images(p1_page)[0]).astype(int)
+    yellow = np.array([int(LESION_COLOR[i : i + 2], 16) for i in (1, 3, 5)])
+    outline = np.abs(picture - yellow).sum(axis=2) < 60
+    # The outline appears in the three outlined views of both rows: many pixels, spread across the width.
+    assert outline.sum() > 200
+    columns = np.flatnonzero(outline.any(axis=0))
+    assert columns.max() - columns.min() > picture.shape[1] * 0.5
+
+
+def test_a_patient_without_prls_is_said_to_have_none(cohort):
+    _, out = cohort
+    page = case_report_html(out / "p2")
+    assert "No PRL was found." in page and not images(page)
+
+
+def test_views_are_radiological_the_patients_left_on_the_images_right():
+    # An LPS crop (z, y, x): x grows to the patient's left, y to posterior, z to superior.
+    crop = np.zeros((9, 9, 9))
+    crop[4, 4, 8] = 1.0  # patient's far left, at the centre in y and z
+    crop[8, 4, 4] = 2.0  # most superior
+    crop[4, 0, 4] = 3.0  # most anterior
+    planes = _planes(crop)
+    assert planes["axial"][4, 8] == 1.0  # left of the patient on the right of the image
+    assert planes["axial"][0, 4] == 3.0  # anterior at the top
+    assert planes["coronal"][0, 4] == 2.0  # superior at the top
+    assert planes["coronal"][4, 8] == 1.0
+    assert planes["sagittal"][4, 0] == 3.0  # anterior on the left
+    assert planes["sagittal"][0, 4] == 2.0
+
+
+def test_the_cohort_page_links_patients_lists_failures_and_compares_with_truth(cohort, tmp_path):
+    cases, out_original = cohort
+    out = tmp_path / "out"
+    shutil.copytree(out_original, out)
+    (out / "p1" / "report.html").write_text("<html></html>")
+    write_cohort_tables(out, BatchReport(failed={"p3": "The QSM is all zero; check the export."}))
+    page = cohort_report_html(out, gt_dir=cases)
+    assert "cohort of 2 patient(s)" in page
+    assert "href='p1/report.html'" in page and "href='p2/report.html'" not in page
+    assert "The QSM is all zero" in page
+    assert "Against ground truth" in page and "100.0 % (2/2)" in page  # lesion sensitivity of the truth
+    assert len(images(page)) == 2  # distributions, and predicted against true counts
