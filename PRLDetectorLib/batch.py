@@ -28,15 +28,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.features import LESION_COLUMNS, read_lesions_csv
-from PRLDetectorLib.pipeline import RESULT_MARKER, Detector, write_result
 from PRLDetectorLib.settings import DetectionSettings
+
+if TYPE_CHECKING:
+    from PRLDetectorLib.pipeline import Detector
 
 logger = logging.getLogger(__name__)
 
 IMAGE_PATTERNS = ("{}.nii.gz", "{}.nii", "{}.nrrd", "{}.mha", "{}")
+RESULT_MARKER = "burden.json"
+"""The file ``write_result`` writes last-but-atomically: its presence means the patient is finished. It is
+``pipeline.RESULT_MARKER``, spelled out so that this module (imported by every Dask worker, also by those
+that only make reports) does not import torch; a test keeps the two equal."""
 REPORT_NAME = "report.html"
 DICOM_SEG_NAME = "prl_seg.dcm"
 BURDEN_COLUMNS = ("case_id", "prl_count", "total_volume_mm3", "mean_volume_mm3", "positive_ge1", "positive_ge4", "model")
@@ -135,6 +142,8 @@ def worker_detector(settings: DetectionSettings) -> Detector:
     A Dask worker process runs many patients; this is what makes it load the model once. Only the latest
     settings are kept, so a worker never holds two models.
     """
+    from PRLDetectorLib.pipeline import Detector
+
     key = json.dumps(settings.to_dict(), sort_keys=True)
     if key not in _WORKER_DETECTORS:
         _WORKER_DETECTORS.clear()
@@ -166,6 +175,7 @@ def process_case(
     try:
         if not already:
             from PRLDetectorLib.images import read_image
+            from PRLDetectorLib.pipeline import write_result
 
             qsm = read_image(case.qsm, "QSM")  # an unreadable scan fails before a worker loads the model
             detector = detector or worker_detector(settings)
@@ -339,6 +349,8 @@ def _run_here(
     detector: Detector | None = None
     for case in pending:
         if detector is None and not (out_dir / case.case_id / RESULT_MARKER).is_file():
+            from PRLDetectorLib.pipeline import Detector
+
             detector = Detector(settings)
         record(process_case(case, out_dir, settings, exports, detector))
 

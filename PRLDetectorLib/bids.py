@@ -220,7 +220,7 @@ def write_derivatives(bids_dir: Path, out_dir: Path, scans: list[BidsScan]) -> P
 
     Each scan's result folder is ``out_dir/<entities>`` as the batch writes it. Returns the folder.
     """
-    from PRLDetectorLib.pipeline import RESULT_MARKER
+    from PRLDetectorLib.batch import RESULT_MARKER
 
     root = derivatives_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)

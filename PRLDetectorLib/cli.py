@@ -52,8 +52,11 @@ def _settings(args: argparse.Namespace):
 def _progress_reporter(enabled_lines: bool, quiet: bool, description: str):
     """Yield a progress callback: machine-readable lines for Slicer, or a tqdm bar for people."""
     if enabled_lines:
+        # Bound now: nnU-Net's print() output is redirected into the log while it runs, ours must not be.
+        stdout = sys.stdout
+
         def report(fraction: float, message: str) -> None:
-            print(f"{PROGRESS_PREFIX} {fraction:.3f} {message}", flush=True)
+            print(f"{PROGRESS_PREFIX} {fraction:.3f} {message}", file=stdout, flush=True)
 
         yield report
         return

@@ -166,8 +166,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.batch import REPORT_NAME
-    from PRLDetectorLib.pipeline import RESULT_MARKER
+    from PRLDetectorLib.batch import REPORT_NAME, RESULT_MARKER
     from PRLDetectorLib.report import write_case_report, write_cohort_report
 
     results = Path(args.results)

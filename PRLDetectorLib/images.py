@@ -47,7 +47,34 @@ def read_image(path: str | Path, role: str = "image") -> sitk.Image:
     if not path.exists():
         raise InputError(f"The {role} '{path}' does not exist; check the path.")
     image = _read_dicom_folder(path, role) if path.is_dir() else _read_file(path, role)
-    return as_3d_float(image, role, path.name)
+    image = as_3d_float(image, role, path.name)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        image = _restore_nifti_nonfinite(path, image)
+    return image
+
+
+def _restore_nifti_nonfinite(path: Path, image: sitk.Image) -> sitk.Image:
+    """Put back the NaN/Inf voxels of a NIfTI file that ITK's reader turns into 0.
+
+    Validation must see them: NaN outside the head is a QSM tool's background, NaN inside it is a hole in
+    the map that must not pass silently as 0 ppm.
+    """
+    import nibabel
+
+    try:
+        raw = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except Exception:  # nibabel refuses some files ITK reads; then ITK's values stand
+        return image
+    if not np.issubdtype(raw.dtype, np.floating) or raw.size != np.prod(image.GetSize()):
+        return image
+    bad = ~np.isfinite(raw.reshape(image.GetSize(), order="F"))
+    if not bad.any():
+        return image
+    values = sitk.GetArrayFromImage(image)
+    values[bad.transpose(2, 1, 0)] = raw.reshape(image.GetSize(), order="F")[bad].astype(np.float32)
+    out = sitk.GetImageFromArray(values)
+    out.CopyInformation(image)
+    return out
 
 
 def _read_file(path: Path, role: str) -> sitk.Image:

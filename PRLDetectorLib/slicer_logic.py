@@ -189,7 +189,7 @@ class DetectionRun:
         labels = sitk.ReadImage(str(self.out_dir / "prl_labels.nii.gz"))
         rows = read_lesions_csv(self.out_dir / "lesions.csv")
         review = self.logic.show_detection(self.qsm_node, sitk.GetArrayFromImage(labels), rows)
-        record = json.loads((self.out_dir / "burden.json").read_text())
+        record = json.loads((self.out_dir / "burden.json").read_text(encoding="utf-8"))
         _annotate(review.segmentation_node, record.get("settings", self.settings.to_dict()), record.get("model", {}))
         return review
 
@@ -481,7 +481,7 @@ class SceneLogic:
         flair_node = None
         if (case_dir / "flair.nii.gz").is_file():
             flair_node = bridge.add_volume_node(self.scene, read_image(case_dir / "flair.nii.gz", "FLAIR"), f"{case_id} FLAIR")
-        truth = json.loads((case_dir / "truth.json").read_text())
+        truth = json.loads((case_dir / "truth.json").read_text(encoding="utf-8"))
         logger.info("Phantom '%s': %d PRL(s); ground truth in %s", case_id, truth.get("prl_count", 0), case_dir / "gt_prl.nii.gz")
         return PhantomNodes(qsm_node, flair_node, case_dir / "gt_prl.nii.gz", truth)
 
@@ -523,7 +523,7 @@ class SceneLogic:
             "settings": _json_attribute(segmentation_node, SETTINGS_ATTRIBUTE),
             "model": _json_attribute(segmentation_node, MODEL_ATTRIBUTE),
         }
-        paths["burden.json"].write_text(json.dumps(record, indent=2))
+        paths["burden.json"].write_text(json.dumps(record, indent=2), encoding="utf-8")
         logger.info("Exported the review of '%s' to %s", segmentation_node.GetName(), out_dir)
         return paths
 

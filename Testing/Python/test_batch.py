@@ -19,7 +19,7 @@ def test_a_batch_records_a_failing_patient_goes_on_and_resumes_without_redoing_w
     cases = tmp_path / "cases"
     shutil.copytree(small_case, cases / "p01")
     (cases / "p02").mkdir()
-    (cases / "p02" / "qsm.nii.gz").write_text("not an image")
+    (cases / "p02" / "qsm.nii.gz").write_text("not an image", encoding="utf-8")
     out = tmp_path / "out"
 
     report = run_batch(cases, out, DetectionSettings(device="cpu"), progress=False)
@@ -27,18 +27,18 @@ def test_a_batch_records_a_failing_patient_goes_on_and_resumes_without_redoing_w
     assert "not an image" in report.failed["p02"]
     first = (out / "p01" / "burden.json").stat().st_mtime_ns
 
-    rows = list(csv.DictReader(open(out / "burden.csv")))
+    rows = list(csv.DictReader(open(out / "burden.csv", encoding="utf-8")))
     assert [r["case_id"] for r in rows] == ["p01"]
-    failures = list(csv.DictReader(open(out / "failures.csv")))
+    failures = list(csv.DictReader(open(out / "failures.csv", encoding="utf-8")))
     assert failures[0]["case_id"] == "p02"
-    lesion_rows = list(csv.DictReader(open(out / "lesions.csv")))
+    lesion_rows = list(csv.DictReader(open(out / "lesions.csv", encoding="utf-8")))
     assert len(lesion_rows) == int(rows[0]["prl_count"])
 
     shutil.copytree(small_case, cases / "p03")
     report = run_batch(cases, out, DetectionSettings(device="cpu"), progress=False)
     assert report.skipped == ["p01"] and report.done == ["p03"]
     assert (out / "p01" / "burden.json").stat().st_mtime_ns == first
-    assert [r["case_id"] for r in csv.DictReader(open(out / "burden.csv"))] == ["p01", "p03"]
+    assert [r["case_id"] for r in csv.DictReader(open(out / "burden.csv", encoding="utf-8"))] == ["p01", "p03"]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,9 @@ def test_a_resumed_batch_only_adds_the_missing_reports_and_needs_no_model(finish
                        exports=CaseExports(report=True))
     assert report.skipped == ["p0", "p1"] and not report.done and not report.failed
     assert (out / "p0" / "burden.json").stat().st_mtime_ns == before
-    assert "PRL 1" in (out / "p0" / "report.html").read_text()
-    assert "No PRL was found." in (out / "p1" / "report.html").read_text()
-    assert "cohort of 2 patient(s)" in (out / "report.html").read_text()
+    assert "PRL 1" in (out / "p0" / "report.html").read_text(encoding="utf-8")
+    assert "No PRL was found." in (out / "p1" / "report.html").read_text(encoding="utf-8")
+    assert "cohort of 2 patient(s)" in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_a_missing_model_stops_the_batch_before_any_patient(finished_cohort, tmp_path):
@@ -94,3 +94,9 @@ def _cohort_parser():
     parser.add_argument("-q", "--quiet", action="store_true")
     cohort_cli.register(parser.add_subparsers(dest="command", required=True))
     return parser
+
+
+def test_the_batch_knows_a_finished_patient_by_the_file_the_pipeline_writes_last():
+    from PRLDetectorLib import batch, pipeline
+
+    assert batch.RESULT_MARKER == pipeline.RESULT_MARKER

@@ -36,7 +36,7 @@ def bids(tmp_path, phantoms):
     anat2 = root / "sub-02" / "anat"
     anat1.mkdir(parents=True)
     anat2.mkdir(parents=True)
-    (root / "dataset_description.json").write_text(json.dumps({"Name": "MS", "BIDSVersion": "1.10.0"}))
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "MS", "BIDSVersion": "1.10.0"}), encoding="utf-8")
     shutil.copy(phantoms["a"] / "qsm.nii.gz", anat1 / "sub-01_ses-1_Chimap.nii.gz")
     shutil.copy(phantoms["a"] / "flair.nii.gz", anat1 / "sub-01_ses-1_FLAIR.nii.gz")
     shutil.copy(phantoms["b"] / "qsm.nii.gz", anat2 / "sub-02_Chimap.nii.gz")
@@ -78,7 +78,7 @@ def test_a_bids_batch_writes_derivatives_with_a_described_lesion_table(bids, pha
     assert report.skipped == ["sub-01_ses-1", "sub-02"] and not report.done and not report.failed
 
     root = out / "derivatives" / "prldetector"
-    description = json.loads((root / "dataset_description.json").read_text())
+    description = json.loads((root / "dataset_description.json").read_text(encoding="utf-8"))
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "PRLDetector"
     assert description["DatasetLinks"]["raw"] == bids.resolve().as_uri()
@@ -90,13 +90,13 @@ def test_a_bids_batch_writes_derivatives_with_a_described_lesion_table(bids, pha
     np.testing.assert_array_equal(sitk.GetArrayFromImage(dseg), sitk.GetArrayFromImage(labels))
     assert sorted(np.unique(sitk.GetArrayFromImage(dseg))) == [0, 1, 2]
 
-    with open(anat / f"{stem}.tsv", newline="") as handle:
+    with open(anat / f"{stem}.tsv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert [r["index"] for r in rows] == ["1", "2"] and rows[0]["name"] == "PRL 1" and rows[0]["mapping"] == "7"
-    lesions = list(csv.DictReader(open(out / "sub-01_ses-1" / "lesions.csv")))
+    lesions = list(csv.DictReader(open(out / "sub-01_ses-1" / "lesions.csv", encoding="utf-8")))
     assert float(rows[1]["volume_mm3"]) == pytest.approx(float(lesions[1]["volume_mm3"]))
 
-    sidecar = json.loads((anat / f"{stem}.json").read_text())
+    sidecar = json.loads((anat / f"{stem}.json").read_text(encoding="utf-8"))
     assert all(column in sidecar and sidecar[column]["Description"] for column in rows[0])
     assert sidecar["volume_mm3"]["Units"] == "mm^3" and sidecar["rim_mean_ppm"]["Units"] == "ppm"
     assert sidecar["Sources"] == [
@@ -106,10 +106,10 @@ def test_a_bids_batch_writes_derivatives_with_a_described_lesion_table(bids, pha
 
     # A patient without PRLs still gets a segmentation and a table with its header only.
     empty = root / "sub-02" / "anat" / "sub-02_space-orig_desc-PRL_dseg.tsv"
-    assert empty.read_text().splitlines()[0].startswith("index\tname\tabbreviation\tcolor\tmapping\tvoxels")
-    assert len(empty.read_text().splitlines()) == 1
+    assert empty.read_text(encoding="utf-8").splitlines()[0].startswith("index\tname\tabbreviation\tcolor\tmapping\tvoxels")
+    assert len(empty.read_text(encoding="utf-8").splitlines()) == 1
 
-    burden = list(csv.DictReader(open(out / "burden.csv")))
+    burden = list(csv.DictReader(open(out / "burden.csv", encoding="utf-8")))
     assert [(r["participant_id"], r["session_id"]) for r in burden] == [("sub-01", "ses-1"), ("sub-02", "")]
 
 

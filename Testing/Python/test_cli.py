@@ -62,7 +62,7 @@ def test_the_label_map_is_exactly_on_the_qsm_grid(detected, small_case):
 
 
 def test_the_prls_of_the_phantom_are_found(detected, small_case):
-    truth = json.loads((small_case / "truth.json").read_text())
+    truth = json.loads((small_case / "truth.json").read_text(encoding="utf-8"))
     gt = sitk.GetArrayFromImage(sitk.ReadImage(str(small_case / "gt_instances.nii.gz")))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(detected / "prl_labels.nii.gz")))
     prl_ids = [lesion["id"] for lesion in truth["lesions"] if lesion["class"] == "prl"]
@@ -98,7 +98,7 @@ def test_segments_table_and_label_ids_agree(detected):
 def test_burden_json_records_the_burden_model_settings_and_checksums(detected, small_case):
     import hashlib
 
-    record = json.loads((detected / "burden.json").read_text())
+    record = json.loads((detected / "burden.json").read_text(encoding="utf-8"))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(detected / "prl_labels.nii.gz")))
     assert record["burden"]["prl_count"] == int(labels.max())
     assert record["burden"]["positive_ge1"] == (labels.max() >= 1)
@@ -121,10 +121,10 @@ def test_an_existing_result_is_not_overwritten_without_overwrite(detected, small
 def test_overwrite_refuses_a_folder_the_tool_did_not_write(tmp_path, small_case):
     mine = tmp_path / "my_notes"
     mine.mkdir()
-    (mine / "notes.txt").write_text("precious")
+    (mine / "notes.txt").write_text("precious", encoding="utf-8")
     done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--out", mine, "--overwrite")
     assert_refused(done, "not a PRLDetector result")
-    assert (mine / "notes.txt").read_text() == "precious"
+    assert (mine / "notes.txt").read_text(encoding="utf-8") == "precious"
 
 
 def _qsm_variant(small_case: Path, tmp_path: Path, change) -> Path:
@@ -137,10 +137,32 @@ def _qsm_variant(small_case: Path, tmp_path: Path, change) -> Path:
     return path
 
 
-def _with_nan_inside(values):
-    centre = tuple(s // 2 for s in values.shape)
-    values[centre] = np.nan
+def _qsm_with_nan_in_a_lesion(case: Path, tmp: Path) -> Path:
+    """NaN voxels in the middle of a white-matter lesion: certainly inside the head."""
+    truth = json.loads((case / "truth.json").read_text(encoding="utf-8"))
+    image = sitk.ReadImage(str(case / "qsm.nii.gz"))
+    x, y, z = image.TransformPhysicalPointToIndex(truth["lesions"][0]["center_lps_mm"])
+    return _qsm_variant(case, tmp, lambda v: _set(v, (slice(z - 1, z + 2), slice(y - 1, y + 2), slice(x - 1, x + 2)), np.nan))
+
+
+def _set(values: np.ndarray, where, value) -> np.ndarray:
+    values[where] = value
     return values
+
+
+def _padded_case(case: Path, tmp: Path, background: float) -> Path:
+    """The small case inside a 10-voxel frame of background, as a QSM tool writes outside the head."""
+    image = sitk.ReadImage(str(case / "qsm.nii.gz"))
+    padded = sitk.ConstantPad(image, (10, 10, 10), (10, 10, 10), 0.0)
+    values = sitk.GetArrayFromImage(padded)
+    frame = np.ones(values.shape, bool)
+    frame[10:-10, 10:-10, 10:-10] = False
+    values[frame] = background
+    out = sitk.GetImageFromArray(values)
+    out.CopyInformation(padded)
+    path = tmp / "padded_qsm.nii.gz"
+    sitk.WriteImage(out, str(path))
+    return path
 
 
 @pytest.mark.parametrize(
@@ -150,7 +172,7 @@ def _with_nan_inside(values):
         (lambda case, tmp: _truncated(case, tmp), "truncated"),
         (lambda case, tmp: _write_array(tmp, np.ones((30, 30), np.float32)), "2D"),
         (lambda case, tmp: _write_4d(case, tmp), "4D with 2 volumes"),
-        (lambda case, tmp: _qsm_variant(case, tmp, _with_nan_inside), "NaN or infinite voxels inside the head"),
+        (lambda case, tmp: _qsm_with_nan_in_a_lesion(case, tmp), "27 NaN or infinite voxels inside the head"),
         (lambda case, tmp: _qsm_variant(case, tmp, np.zeros_like), "all zero"),
         (lambda case, tmp: _qsm_variant(case, tmp, lambda v: v * 1000), "ppb"),
     ],
@@ -168,11 +190,15 @@ def test_bad_qsm_is_refused_with_one_sentence_and_no_output(tmp_path, small_case
 
 def test_nan_outside_the_head_is_accepted(tmp_path, small_case):
     require_model("qsm")
-    path = _qsm_variant(small_case, tmp_path, lambda v: np.where(v == 0, np.nan, v))
+    path = _padded_case(small_case, tmp_path, np.nan)
     done = run_cli("detect", "--qsm", path, "--out", tmp_path / "out")
     assert done.returncode == 0, done.stderr
-    record = json.loads((tmp_path / "out" / "burden.json").read_text())
-    assert record["input_checks"]["qsm"]["nonfinite_outside_head"] > 0
+    record = json.loads((tmp_path / "out" / "burden.json").read_text(encoding="utf-8"))
+    qsm = sitk.ReadImage(str(small_case / "qsm.nii.gz"))
+    frame_voxels = int(np.prod([s + 20 for s in qsm.GetSize()]) - np.prod(qsm.GetSize()))
+    assert record["input_checks"]["qsm"]["nonfinite_outside_head"] == frame_voxels
+    labels = sitk.ReadImage(str(tmp_path / "out" / "prl_labels.nii.gz"))
+    assert labels.GetSize() == tuple(s + 20 for s in qsm.GetSize())
 
 
 def _text_file(tmp: Path) -> Path:
@@ -233,10 +259,10 @@ def test_a_model_whose_channels_do_not_match_the_inputs_is_refused(tmp_path, sma
 def test_an_output_folder_that_exists_is_refused_before_any_work(tmp_path, small_case):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "burden.json").write_text("{}")
+    (out / "burden.json").write_text("{}", encoding="utf-8")
     done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--out", out)
     assert_refused(done, "exists")
-    assert (out / "burden.json").read_text() == "{}"
+    assert (out / "burden.json").read_text(encoding="utf-8") == "{}"
 
 
 def test_bad_settings_are_refused(tmp_path, small_case):
@@ -263,5 +289,5 @@ def test_evaluate_prints_the_papers_figures_for_a_detection(detected, small_case
     done = run_cli("evaluate", "--gt", small_case.parent, "--pred", pred.parent, "--json", tmp_path / "eval.json")
     assert done.returncode == 0, done.stderr
     assert "%" in done.stdout and "(" in done.stdout
-    record = json.loads((tmp_path / "eval.json").read_text())
+    record = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     assert record["evaluation"]

@@ -46,10 +46,10 @@ def test_a_local_cluster_makes_the_missing_reports_and_records_a_lost_input_as_a
     assert report.skipped == ["p0", "p1"] and not report.done
     assert list(report.failed) == ["p2"] and "QSM" in report.failed["p2"]
     assert sorted(seen) == [("p0", "skipped"), ("p1", "skipped"), ("p2", "failed")]
-    assert "PRL 2" in (out / "p0" / "report.html").read_text()
+    assert "PRL 2" in (out / "p0" / "report.html").read_text(encoding="utf-8")
     assert not (out / "p2" / "report.html").exists()
     assert (out / "report.html").is_file()
-    assert [r["case_id"] for r in csv.DictReader(open(out / "failures.csv"))] == ["p2"]
+    assert [r["case_id"] for r in csv.DictReader(open(out / "failures.csv", encoding="utf-8"))] == ["p2"]
 
 
 def test_workers_and_scheduler_together_or_no_worker_are_input_errors():
@@ -65,16 +65,16 @@ def test_two_workers_detect_a_cohort_record_a_broken_patient_and_resume(tiny_cas
     cases, out = tmp_path / "cases", tmp_path / "out"
     shutil.copytree(tiny_cases, cases)
     (cases / "p3").mkdir()
-    (cases / "p3" / "qsm.nii.gz").write_text("not an image")
+    (cases / "p3" / "qsm.nii.gz").write_text("not an image", encoding="utf-8")
     settings = DetectionSettings(model=str(model), device="cpu")
 
     report = run_batch(cases, out, settings, progress=False, workers=2)
     assert report.done == ["p0", "p1", "p2"]
     assert "not an image" in report.failed["p3"]
     assert report.cases_per_hour > 0
-    burden = list(csv.DictReader(open(out / "burden.csv")))
+    burden = list(csv.DictReader(open(out / "burden.csv", encoding="utf-8")))
     assert [r["case_id"] for r in burden] == ["p0", "p1", "p2"]
-    lesions = list(csv.DictReader(open(out / "lesions.csv")))
+    lesions = list(csv.DictReader(open(out / "lesions.csv", encoding="utf-8")))
     assert len(lesions) == sum(int(r["prl_count"]) for r in burden)
     first = (out / "p0" / "burden.json").stat().st_mtime_ns
 

@@ -142,7 +142,7 @@ def test_a_finished_batch_patient_with_a_dicom_qsm_gets_its_seg_when_the_batch_r
     result = tmp_path / "out" / "p1"
     result.mkdir(parents=True)
     sitk.WriteImage(labels_on(folder), str(result / "prl_labels.nii.gz"))  # through NIfTI, as detect writes it
-    (result / "burden.json").write_text("{}")
+    (result / "burden.json").write_text("{}", encoding="utf-8")
 
     outcome = process_case(
         Case("p1", folder, None), tmp_path / "out", DetectionSettings(model="no-such-model"), CaseExports(dicom_seg=True)

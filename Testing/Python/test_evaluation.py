@@ -173,7 +173,7 @@ def cohort_folders(tmp_path: Path) -> tuple[Path, Path]:
     _write(gt_dir / "p01" / "gt_prl.nii.gz", np.isin(instances, [1, 2]).astype(np.uint8))
     truth = {"prl_count": 2, "lesions": [{"id": 1, "class": "prl"}, {"id": 2, "class": "prl"},
                                           {"id": 3, "class": "rimless"}]}
-    (gt_dir / "p01" / "truth.json").write_text(json.dumps(truth))
+    (gt_dir / "p01" / "truth.json").write_text(json.dumps(truth), encoding="utf-8")
     pred = np.zeros(shape, np.uint16)
     pred[2:4, 3:5, 3:5] = 1
     pred[2:4, 9:10, 15:17] = 2

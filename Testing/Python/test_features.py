@@ -232,8 +232,8 @@ def test_the_csv_round_trips_with_nan_as_an_empty_cell(tmp_path):
     lesions = measure_lesions(labels, qsm, reference)
     path = tmp_path / "lesions.csv"
     write_lesions_csv(path, lesions)
-    assert path.read_text().splitlines()[0] == ",".join(LESION_COLUMNS)
-    assert ",," in path.read_text().splitlines()[1]
+    assert path.read_text(encoding="utf-8").splitlines()[0] == ",".join(LESION_COLUMNS)
+    assert ",," in path.read_text(encoding="utf-8").splitlines()[1]
     rows = read_lesions_csv(path)
     assert [row["lesion_id"] for row in rows] == [1, 2]
     for lesion, row in zip(lesions, rows, strict=True):
@@ -245,9 +245,9 @@ def test_reading_a_csv_keeps_extra_columns_and_names_missing_ones(tmp_path):
     path = tmp_path / "lesions.csv"
     labels, qsm = _ring_cube()
     write_lesions_csv(path, measure_lesions(labels, qsm, _reference(labels.shape)))
-    header, line = path.read_text().splitlines()
-    path.write_text(f"{header},reader\n{line},rejected\n")
+    header, line = path.read_text(encoding="utf-8").splitlines()
+    path.write_text(f"{header},reader\n{line},rejected\n", encoding="utf-8")
     assert read_lesions_csv(path)[0]["reader"] == "rejected"
-    path.write_text("lesion_id,voxels\n1,5\n")
+    path.write_text("lesion_id,voxels\n1,5\n", encoding="utf-8")
     with pytest.raises(InputError, match="volume_mm3"):
         read_lesions_csv(path)

@@ -67,7 +67,7 @@ def test_reads_a_dicom_series_folder(tmp_path):
 
 def test_a_file_that_is_not_an_image_is_named_as_such(tmp_path):
     path = tmp_path / "notes.nii.gz"
-    path.write_text("these are my notes, not an image")
+    path.write_text("these are my notes, not an image", encoding="utf-8")
     with pytest.raises(InputError, match="not an image"):
         read_image(path, "QSM")
 
@@ -150,3 +150,15 @@ def test_same_grid_tells_a_shifted_origin_apart():
     assert same_grid(a, b)
     b.SetOrigin((0.0, 0.0, 0.5))
     assert not same_grid(a, b)
+
+
+def test_nan_voxels_of_a_nifti_file_reach_validation_at_their_place(tmp_path):
+    # ITK's NIfTI reader turns NaN into 0; a hole in the map must still be seen where it is.
+    values = _brain_like()
+    values[10, 12, 11] = np.nan
+    path = tmp_path / "qsm.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    read = sitk.GetArrayFromImage(read_image(path, "QSM"))
+    assert np.argwhere(np.isnan(read)).tolist() == [[10, 12, 11]]
+    with pytest.raises(InputError, match="1 NaN or infinite voxels inside the head"):
+        validate_qsm(read_image(path, "QSM"))

@@ -25,8 +25,8 @@ def _model_folder(root: Path, channels=("QSM",), labels=None, checkpoint=True) -
         "channel_names": {str(i): c for i, c in enumerate(channels)},
         "labels": labels or {"background": 0, "prl": 1},
         "file_ending": ".nii.gz",
-    }))
-    (root / "plans.json").write_text(json.dumps({"dataset_name": "Dataset501_x", "configurations": {}}))
+    }), encoding="utf-8")
+    (root / "plans.json").write_text(json.dumps({"dataset_name": "Dataset501_x", "configurations": {}}), encoding="utf-8")
     if checkpoint:
         (root / "fold_0").mkdir()
         (root / "fold_0" / "checkpoint_final.pth").write_bytes(b"weights")

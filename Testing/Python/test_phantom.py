@@ -222,7 +222,7 @@ def test_flair_shows_ms_lesions_hyperintense_but_not_microbleeds(case):
 def test_zero_prl_patients_and_patients_with_many_prls_occur_across_a_cohort(tmp_path):
     # 2 mm voxels keep this fast; the counts are drawn the same way at any resolution.
     folders = generate_cohort(tmp_path, 12, seed=3, spacing_mm=2.0, extent_mm=EXTENT_MM, progress=False)
-    counts = [json.loads((folder / "truth.json").read_text())["prl_count"] for folder in folders]
+    counts = [json.loads((folder / "truth.json").read_text(encoding="utf-8"))["prl_count"] for folder in folders]
     assert [folder.name for folder in folders] == [f"case_{i:03d}" for i in range(12)]
     assert 1 <= counts.count(0) <= 6
     assert max(counts) >= 4
@@ -243,7 +243,7 @@ def test_written_case_reads_back_the_same(case, tmp_path):
     qsm = sitk.ReadImage(str(folder / "qsm.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(qsm), arrays(case)["qsm"])
     assert qsm.GetOrigin() == pytest.approx(case.qsm.GetOrigin(), abs=1e-4)
-    truth = json.loads((folder / "truth.json").read_text())
+    truth = json.loads((folder / "truth.json").read_text(encoding="utf-8"))
     assert truth["case_id"] == "case_000" and truth["seed"] == SEED and truth["spacing_mm"] == [1.0, 1.0, 1.0]
     with pytest.raises(InputError, match="already exists"):
         write_case(case, tmp_path)
@@ -252,7 +252,7 @@ def test_written_case_reads_back_the_same(case, tmp_path):
 def test_vary_grid_draws_each_case_from_realistic_acquisition_grids(tmp_path):
     folders = generate_cohort(tmp_path, 3, seed=11, extent_mm=(64, 64, 48), vary_grid=True, progress=False)
     for folder in folders:
-        truth = json.loads((folder / "truth.json").read_text())
+        truth = json.loads((folder / "truth.json").read_text(encoding="utf-8"))
         assert tuple(truth["spacing_mm"]) in VARY_GRID_SPACINGS
         assert sitk.ReadImage(str(folder / "qsm.nii.gz")).GetSpacing() == pytest.approx(truth["spacing_mm"])
 

@@ -23,7 +23,7 @@ from PRLDetectorLib.process import (
 
 def _script(tmp_path: Path, body: str) -> list[str]:
     path = tmp_path / "child.py"
-    path.write_text(textwrap.dedent(body))
+    path.write_text(textwrap.dedent(body), encoding="utf-8")
     return [sys.executable, "-u", str(path)]
 
 
@@ -34,7 +34,7 @@ def _alive(pid: int) -> bool:
         return False
     # A zombie still answers kill(0); it has exited all the same.
     try:
-        with open(f"/proc/{pid}/stat") as stat:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
@@ -136,7 +136,7 @@ def test_cancel_kills_the_whole_tree_including_a_grandchild_that_ignores_sigterm
         open({str(pid_file)!r}, "w").write(str(os.getpid()))
         while True:
             time.sleep(0.1)
-    """))
+    """), encoding="utf-8")
     child = ChildProcess(_script(tmp_path, f"""
         import subprocess, sys, time
         subprocess.Popen([sys.executable, {str(grandchild)!r}])
@@ -146,10 +146,10 @@ def test_cancel_kills_the_whole_tree_including_a_grandchild_that_ignores_sigterm
     """))
     child.start()
     deadline = time.monotonic() + 30
-    while not pid_file.exists() or not pid_file.read_text():
+    while not pid_file.exists() or not pid_file.read_text(encoding="utf-8"):
         assert time.monotonic() < deadline, "grandchild did not start"
         time.sleep(0.05)
-    grandchild_pid = int(pid_file.read_text())
+    grandchild_pid = int(pid_file.read_text(encoding="utf-8"))
     child_pid = child.pid
     assert _alive(grandchild_pid)
 
@@ -177,11 +177,11 @@ def test_wait_with_timeout_cancels_and_raises(tmp_path):
 def test_environment_is_passed_explicitly_and_the_module_runs_from_cwd(tmp_path):
     package = tmp_path / "fakecli"
     package.mkdir()
-    (package / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("", encoding="utf-8")
     (package / "__main__.py").write_text(textwrap.dedent("""
         import os, sys
         print("PRLDETECTOR_PROGRESS 1.0", os.environ["PRL_TEST_VALUE"], " ".join(sys.argv[1:]), flush=True)
-    """))
+    """), encoding="utf-8")
     env = dict(os.environ, PRL_TEST_VALUE="given")
     child = ChildProcess(python_module_command(sys.executable, "fakecli", ["detect", "--x", 1]), env=env, cwd=tmp_path)
     child.start()

@@ -93,7 +93,7 @@ def test_the_cohort_page_links_patients_lists_failures_and_compares_with_truth(c
     cases, out_original = cohort
     out = tmp_path / "out"
     shutil.copytree(out_original, out)
-    (out / "p1" / "report.html").write_text("<html></html>")
+    (out / "p1" / "report.html").write_text("<html></html>", encoding="utf-8")
     write_cohort_tables(out, BatchReport(failed={"p3": "The QSM is all zero; check the export."}))
     page = cohort_report_html(out, gt_dir=cases)
     assert "cohort of 2 patient(s)" in page

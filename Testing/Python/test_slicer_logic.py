@@ -73,8 +73,8 @@ def _fake_model(models_dir: Path, name: str = "fake") -> Path:
     (folder / "fold_0").mkdir(parents=True)
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "QSM"}, "labels": {"background": 0, "prl": 1}, "file_ending": ".nii.gz",
-    }))
-    (folder / "plans.json").write_text("{}")
+    }), encoding="utf-8")
+    (folder / "plans.json").write_text("{}", encoding="utf-8")
     (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
     return folder
 
@@ -241,7 +241,7 @@ def test_export_writes_the_review_and_the_files_read_back(logic, review, qsm_nod
     paths = logic.export(segmentation, tmp_path / "out")
     assert sorted(p.name for p in paths.values()) == sorted(EXPORT_FILES)
 
-    header = paths["lesions.csv"].read_text().splitlines()[0].split(",")
+    header = paths["lesions.csv"].read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header == [*LESION_COLUMNS, "status"]
     rows = read_lesions_csv(paths["lesions.csv"])
     table_rows = bridge.rows_from_table(review.table_node)
@@ -250,7 +250,7 @@ def test_export_writes_the_review_and_the_files_read_back(logic, review, qsm_nod
     for read, row in zip(rows, table_rows, strict=True):
         assert read["volume_mm3"] == pytest.approx(row["volume_mm3"], abs=1e-3)
 
-    record = json.loads(paths["burden.json"].read_text())
+    record = json.loads(paths["burden.json"].read_text(encoding="utf-8"))
     assert record["burden"]["prl_count"] == review.burden.prl_count - 1
     assert record["rejected_lesion_ids"] == [1]
 
@@ -334,7 +334,7 @@ def test_cancel_kills_the_child_tree_and_leaves_the_scene_unchanged(scene, qsm_n
         pytest.fail("the slow launcher below is a POSIX shell script; Windows needs its own launcher")
     # Stands in for PythonSlicer, a launcher that starts the real interpreter as its child.
     launcher = tmp_path / "SlowPythonSlicer"
-    launcher.write_text(f"#!/bin/sh\nsleep 120\nexec {sys.executable} \"$@\"\n")
+    launcher.write_text(f"#!/bin/sh\nsleep 120\nexec {sys.executable} \"$@\"\n", encoding="utf-8")
     launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR)
     logic = SceneLogic(scene, python_executable=launcher, models_dir=tmp_path / "models")
     _fake_model(logic.models_dir)

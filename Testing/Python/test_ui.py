@@ -191,7 +191,7 @@ def _third_party_imports(modules) -> set[str]:
 def test_dependencies_offered_in_slicer_cover_what_slicer_runs_as_the_library_pins_them(module_tree):
     requirements = dict(_constant(module_tree, "REQUIREMENTS"))
     # pyproject's dependency array holds one quoted requirement per line (tomllib is 3.11+).
-    block = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(), re.S | re.M).group(1)
+    block = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.S | re.M).group(1)
     declared = set(re.findall(r'"([^"]+)"', block))
     assert set(requirements.values()) <= declared, set(requirements.values()) - declared
     needed = _third_party_imports(SLICER_RUNS) - PROVIDED
@@ -201,14 +201,14 @@ def test_dependencies_offered_in_slicer_cover_what_slicer_runs_as_the_library_pi
     for module in requirements:
         assert requirements[module].startswith(PIP_NAMES.get(module, module))
     # torch comes through the PyTorch extension (GPU-aware), not as a pinned pip requirement.
-    assert "torch" not in requirements and "PyTorchUtils" in MODULE.read_text()
+    assert "torch" not in requirements and "PyTorchUtils" in MODULE.read_text(encoding="utf-8")
 
 
 def test_reload_reloads_the_library_modules_it_lists_in_order_then_any_others(module_tree):
     listed = _constant(module_tree, "LIB_MODULES")
     missing = [name for name in listed if not (REPO / "PRLDetectorLib" / f"{name}.py").is_file()]
     assert not missing, f"LIB_MODULES names modules that do not exist: {missing}"
-    source = MODULE.read_text()
+    source = MODULE.read_text(encoding="utf-8")
     assert "importlib.reload" in source and 'startswith("PRLDetectorLib.")' in source
     assert "import imp\n" not in source
 
@@ -238,9 +238,9 @@ def test_the_icon_is_a_128_pixel_png():
 
 
 def test_the_build_lists_the_module_its_library_and_its_resources():
-    top = (REPO / "CMakeLists.txt").read_text()
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for text in ("slicerMacroBuildScriptedModule", "set(MODULE_NAME PRLDetector)", "${MODULE_NAME}.py",
                  "PRLDetectorLib/*.py", "Resources/UI/",
                  "Resources/Icons/", "Resources/Models/", "EXTENSION_CATEGORY \"Segmentation\"", "add_subdirectory(Testing)"):
         assert text in top, text
-    assert "slicer_add_python_unittest" in (REPO / "Testing" / "CMakeLists.txt").read_text()
+    assert "slicer_add_python_unittest" in (REPO / "Testing" / "CMakeLists.txt").read_text(encoding="utf-8")
