@@ -42,6 +42,7 @@ modules missing from this list are reloaded after it."""
 REQUIREMENTS = (
     ("nnunetv2", "nnunetv2==2.8.1"),
     ("SimpleITK", "SimpleITK>=2.3"),
+    ("nibabel", "nibabel>=5.0"),
     ("numpy", "numpy>=1.24"),
     ("scipy", "scipy>=1.10"),
     ("cc3d", "connected-components-3d>=3.12"),

@@ -51,6 +51,8 @@ BIDS_COLUMNS = ("participant_id", "session_id")
 """Appended to ``burden.csv`` when the patients came from a BIDS dataset, to join with participants.tsv."""
 
 OnCase = Callable[[str, str], None]
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ def write_exports(case: Case, target: Path, exports: CaseExports) -> None:
     if exports.report and not (target / REPORT_NAME).is_file():
         from PRLDetectorLib.report import case_report_html
 
-        html = case_report_html(target, case_id=case.case_id)
+        html = case_report_html(target, case_id=case.case_id, flair=case.flair)
         with _atomic_path(target / REPORT_NAME) as partial:
             partial.write_text(html, encoding="utf-8")
 
@@ -227,6 +229,7 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     partial = Path(name)
     try:
         yield partial
+        os.chmod(partial, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions a plain open() would
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -358,6 +361,20 @@ def _run_here(
 @contextmanager
 def dask_client(workers: int | None, scheduler: str | None):
     """A Dask client: on a new local cluster of ``workers`` single-threaded processes, or on ``scheduler``."""
+    # Dask tells of every worker and connection at INFO; the batch's own log and bar say what matters.
+    chatty = logging.getLogger("distributed")
+    level = chatty.level
+    if not logger.isEnabledFor(logging.DEBUG):
+        chatty.setLevel(logging.WARNING)
+    try:
+        with _client(workers, scheduler) as client:
+            yield client
+    finally:
+        chatty.setLevel(level)
+
+
+@contextmanager
+def _client(workers: int | None, scheduler: str | None):
     from distributed import Client, LocalCluster
 
     if scheduler:

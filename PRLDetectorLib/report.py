@@ -82,7 +82,7 @@ class _Volumes:
     flair_lps: sitk.Image | None
 
 
-def _load_volumes(result_dir: Path, record: dict) -> _Volumes:
+def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None) -> _Volumes:
     from PRLDetectorLib.images import head_mask, read_image
 
     inputs = record.get("inputs", {})
@@ -95,11 +95,12 @@ def _load_volumes(result_dir: Path, record: dict) -> _Volumes:
     labels.CopyInformation(qsm)  # NIfTI rounds the header of a DICOM-read grid by ~1e-6 mm
     flair = None
     window = None
-    if "flair" in inputs:
+    flair_path = flair_path or inputs.get("flair", {}).get("path")
+    if flair_path:
         from PRLDetectorLib.registration import flair_to_qsm_grid
 
-        # The same alignment as detection (it is deterministic), so FLAIR and outline agree.
-        flair, _ = flair_to_qsm_grid(read_image(inputs["flair"]["path"], "FLAIR"), qsm)
+        # The same alignment as detection would make (it is deterministic), so FLAIR and outline agree.
+        flair, _ = flair_to_qsm_grid(read_image(flair_path, "FLAIR"), qsm)
         brain = head_mask(sitk.GetArrayViewFromImage(qsm))
         values = sitk.GetArrayViewFromImage(flair)[brain]
         if values.size:
@@ -289,13 +290,17 @@ def _read_record(result_dir: Path) -> dict:
     return json.loads(marker.read_text(encoding="utf-8"))
 
 
-def case_report_html(result_dir: Path, case_id: str | None = None) -> str:
-    """The patient page of one result folder of ``detect`` (or of one patient of a batch)."""
+def case_report_html(result_dir: Path, case_id: str | None = None, flair: Path | None = None) -> str:
+    """The patient page of one result folder of ``detect`` (or of one patient of a batch).
+
+    The FLAIR row shows the FLAIR detection used, or ``flair`` (a QSM-only model's patient may have one:
+    the reader still wants to see it).
+    """
     result_dir = Path(result_dir)
     record = _read_record(result_dir)
     case_id = case_id or result_dir.name
     lesions = read_lesions_csv(result_dir / "lesions.csv")
-    volumes = _load_volumes(result_dir, record)
+    volumes = _load_volumes(result_dir, record, flair)
     burden = record["burden"]
     model = record.get("model", {})
     settings = record.get("settings", {})

@@ -100,3 +100,16 @@ def test_the_batch_knows_a_finished_patient_by_the_file_the_pipeline_writes_last
     from PRLDetectorLib import batch, pipeline
 
     assert batch.RESULT_MARKER == pipeline.RESULT_MARKER
+
+
+def test_cohort_tables_are_readable_like_any_file_the_user_writes(finished_cohort, tmp_path):
+    import os
+
+    from PRLDetectorLib.batch import BatchReport, write_cohort_tables
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_cohort / "out", out)
+    write_cohort_tables(out, BatchReport())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "burden.csv").stat().st_mode & 0o777 == 0o666 & ~umask
