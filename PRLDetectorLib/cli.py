@@ -98,19 +98,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_batch(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.batch import run_batch
-
-    settings = _settings(args)
-    settings.validate()
-    report = run_batch(Path(args.cases), Path(args.out), settings, progress=not args.quiet)
-    print(f"Done {len(report.done)}, already done {len(report.skipped)}, failed {len(report.failed)}; "
-          f"cohort tables in {args.out}")
-    for case_id, reason in sorted(report.failed.items()):
-        print(f"  {case_id}: {reason}")
-    return 0
-
-
 def cmd_phantom(args: argparse.Namespace) -> int:
     from PRLDetectorLib.phantom import generate_cohort
 
@@ -124,25 +111,6 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     for path in paths:
         truth = json.loads((path / "truth.json").read_text(encoding="utf-8"))
         print(f"{path}: {truth['prl_count']} PRL(s), {len(truth['lesions'])} lesion(s) and mimic(s)")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.evaluation import compare_lesion_detection, evaluate_folders
-
-    evaluation = evaluate_folders(Path(args.gt), Path(args.pred))
-    print(evaluation.format_table())
-    record = {"pred": str(args.pred), "gt": str(args.gt), "evaluation": evaluation.to_dict()}
-    if args.compare:
-        other = evaluate_folders(Path(args.gt), Path(args.compare))
-        comparison = compare_lesion_detection(evaluation, other)
-        print(f"\nAgainst {args.compare}:")
-        print(other.format_table())
-        print(f"McNemar on lesion detection: {comparison}")
-        record["compare"] = {"pred": str(args.compare), "evaluation": other.to_dict(), "mcnemar": comparison.to_dict()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        print(f"Written: {args.json}")
     return 0
 
 
@@ -206,12 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detection_options(detect)
     detect.set_defaults(func=cmd_detect)
 
-    batch = sub.add_parser("batch", help="run many patients through one loaded model (resumable)")
-    batch.add_argument("--cases", required=True, help="folder with one folder per patient: qsm.nii.gz [+ flair.nii.gz]")
-    batch.add_argument("--out", required=True, help="output folder; finished patients in it are not redone")
-    _add_detection_options(batch)
-    batch.set_defaults(func=cmd_batch)
-
     phantom = sub.add_parser("phantom", help="generate phantom patients with known PRLs")
     phantom.add_argument("--out", required=True, help="folder to create the cases in")
     phantom.add_argument("--n", type=int, default=1, help="number of patients (default: %(default)s)")
@@ -228,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pred", required=True, help="prediction folder (<case>/prl_labels.nii.gz)")
     evaluate.add_argument("--compare", help="a second prediction folder: McNemar's test on lesion detection")
     evaluate.add_argument("--json", help="write all figures to this JSON file")
-    evaluate.set_defaults(func=cmd_evaluate)
 
     train = sub.add_parser("train", help="train an nnU-Net v2 PRL model on case folders (phantoms or your own)")
     train.add_argument("--cases", required=True,
@@ -269,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the bundled and installed models")
     models.set_defaults(func=cmd_models)
+
+    # batch, report, associate; --report/--dicom-seg on detect; the evaluate handler (issue #5).
+    from PRLDetectorLib import cohort_cli
+
+    cohort_cli.register(sub)
     return parser
 
 

@@ -89,6 +89,10 @@ def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None
     if "qsm" not in inputs:
         raise InputError(f"{result_dir / 'burden.json'} names no QSM input; run detection again to make a report.")
     qsm = read_image(inputs["qsm"]["path"], "QSM")
+    brain = head_mask(sitk.GetArrayViewFromImage(qsm))
+    # Outside the head a QSM map is 0 ppm, mid-grey in the window; shown black (NaN), as readers expect.
+    shown = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayViewFromImage(qsm), np.float32(np.nan)))
+    shown.CopyInformation(qsm)
     labels = sitk.ReadImage(str(result_dir / "prl_labels.nii.gz"))
     if labels.GetSize() != qsm.GetSize():
         raise InputError(f"The labels in '{result_dir}' are not on the grid of their QSM; run detection again.")
@@ -101,13 +105,12 @@ def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None
 
         # The same alignment as detection would make (it is deterministic), so FLAIR and outline agree.
         flair, _ = flair_to_qsm_grid(read_image(flair_path, "FLAIR"), qsm)
-        brain = head_mask(sitk.GetArrayViewFromImage(qsm))
         values = sitk.GetArrayViewFromImage(flair)[brain]
         if values.size:
             low, high = np.percentile(values, FLAIR_PERCENTILES)
             window = (float(low), float(high if high > low else low + 1))
     return _Volumes(
-        qsm=qsm, flair=flair, labels=labels, flair_window=window, qsm_lps=sitk.DICOMOrient(qsm, "LPS"),
+        qsm=shown, flair=flair, labels=labels, flair_window=window, qsm_lps=sitk.DICOMOrient(shown, "LPS"),
         flair_lps=sitk.DICOMOrient(flair, "LPS") if flair is not None else None,
     )
 
@@ -144,8 +147,12 @@ _LETTERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sag
 
 
 def _letters(ax, plane: str) -> None:
+    from matplotlib import patheffects
+
     left, right, top, bottom = _LETTERS[plane]
-    style = {"color": "white", "fontsize": 7, "fontweight": "bold", "transform": ax.transAxes}
+    # White with a dark edge: readable on bright FLAIR lesions and on black background alike.
+    style = {"color": "white", "fontsize": 7, "fontweight": "bold", "transform": ax.transAxes,
+             "path_effects": [patheffects.withStroke(linewidth=1.6, foreground="black")]}
     ax.text(0.03, 0.5, left, ha="left", va="center", **style)
     ax.text(0.97, 0.5, right, ha="right", va="center", **style)
     ax.text(0.5, 0.97, top, ha="center", va="top", **style)
@@ -416,7 +423,8 @@ def counts_figure(pairs: list[tuple[str, int, int]]) -> str:
     top = max(int(true.max(initial=0)), int(predicted.max(initial=0))) + 1
     ax.plot([-0.5, top], [-0.5, top], color="#888", lw=1, ls="--", label="agreement")
     points, sizes = np.unique(np.stack([true, predicted]), axis=1, return_counts=True)
-    ax.scatter(points[0], points[1], s=25 + 30 * (sizes - 1), color="#1f5fa8", alpha=0.8, label="patients")
+    ax.scatter(points[0], points[1], s=25 + 30 * (sizes - 1), color="#1f5fa8", alpha=0.8, label="patients",
+               zorder=3)
     for (x, y), size in zip(points.T, sizes, strict=True):
         if size > 1:
             ax.text(x, y, str(size), color="white", fontsize=7, ha="center", va="center")
@@ -428,7 +436,11 @@ def counts_figure(pairs: list[tuple[str, int, int]]) -> str:
     ax.set_ylabel("predicted PRLs")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.6)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(fig)
 
 
