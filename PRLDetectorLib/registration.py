@@ -77,10 +77,10 @@ def check_overlap(flair: sitk.Image, qsm: sitk.Image) -> float:
     return overlap
 
 
-def _outline(image: sitk.Image) -> sitk.Image:
-    """Head mask of a FLAIR (Otsu) or QSM (non-zero support) as uint8."""
+def _outline(image: sitk.Image, masked: bool) -> sitk.Image:
+    """Head mask as uint8: the non-zero support of a masked map (QSM), Otsu's threshold of a FLAIR."""
     values = sitk.GetArrayViewFromImage(image)
-    if (values == 0).mean() > 0.2:  # masked map (QSM): the support is the brain
+    if masked:
         mask = head_mask(values)
     else:
         mask = sitk.GetArrayViewFromImage(sitk.OtsuThreshold(image, 0, 1)) > 0
@@ -114,14 +114,19 @@ def flair_to_qsm_grid(flair: sitk.Image, qsm: sitk.Image, mode: str = "auto") ->
     overlap = check_overlap(flair, qsm)
     identity = sitk.Transform(3, sitk.sitkIdentity)
     resampled = _resample(flair, qsm, identity)
-    qsm_outline = _outline(qsm)
-    flair_outline = _outline(flair)
+    qsm_outline = _outline(qsm, masked=True)
+    flair_outline = _outline(flair, masked=False)
     dice_before = _dice(_resample(flair_outline, qsm, identity, linear=False), qsm_outline)
     logger.info("FLAIR → QSM: box overlap %.0f %%, brain outline Dice %.3f", overlap * 100, dice_before)
     if mode == "never" or (mode == "auto" and dice_before >= ALIGNED_DICE):
         return resampled, Alignment("resampled", overlap, dice_before, dice_before)
 
-    transform = _register_rigid(qsm_outline, flair)
+    try:
+        transform = _register_rigid(qsm_outline, flair)
+    except RuntimeError as error:  # e.g. an outline without contrast (a field of view inside the brain)
+        logger.warning("Rigid registration of FLAIR failed (%s); keeping the scanner-space resampling.",
+                       str(error).strip().splitlines()[-1][:120])
+        return resampled, Alignment("resampled", overlap, dice_before, dice_before)
     registered = _resample(flair, qsm, transform)
     dice_after = _dice(_resample(flair_outline, qsm, transform, linear=False), qsm_outline)
     logger.info("FLAIR rigidly registered to QSM: outline Dice %.3f → %.3f", dice_before, dice_after)

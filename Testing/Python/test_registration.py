@@ -78,3 +78,15 @@ def test_a_flair_that_does_not_overlap_the_qsm_is_refused():
     assert overlap_fraction(far, qsm) == 0.0
     with pytest.raises(InputError, match="does not overlap the QSM"):
         flair_to_qsm_grid(far, qsm)
+
+
+def test_a_qsm_field_of_view_inside_the_brain_still_gets_its_flair():
+    # No zero background around the QSM: its outline has no edge to register to; resampling must stand.
+    qsm, flair = _head()
+    inner = qsm[25:55, 30:66, 25:47]
+    assert (sitk.GetArrayViewFromImage(inner) != 0).all()
+    moved = _moved(flair, sitk.Euler3DTransform((0, 0, 0), 0.0, 0.0, 0.0, (3.0, 0.0, 0.0)))
+    out, how = flair_to_qsm_grid(moved, inner)
+    assert same_grid(out, inner)
+    assert how.method in ("resampled", "rigid registration")
+    assert how.dice_after >= how.dice_before
