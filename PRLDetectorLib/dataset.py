@@ -16,8 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.images import head_mask, read_image, validate_flair, validate_qsm
-from PRLDetectorLib.registration import flair_to_qsm_grid
+from PRLDetectorLib.images import read_image, validate_flair, validate_qsm
+from PRLDetectorLib.registration import flair_channel
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +50,7 @@ def model_inputs(qsm: sitk.Image, flair: sitk.Image | None) -> dict[str, sitk.Im
     out = {"qsm": qsm}
     if flair is not None:
         flair, _ = validate_flair(flair)
-        on_grid, _ = flair_to_qsm_grid(flair, qsm)
-        brain = head_mask(sitk.GetArrayViewFromImage(qsm))
-        masked = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayViewFromImage(on_grid), 0).astype(np.float32))
-        masked.CopyInformation(qsm)
-        out["flair"] = masked
+        out["flair"], _ = flair_channel(flair, qsm)
     return out
 
 

@@ -28,7 +28,6 @@ from PRLDetectorLib.features import LesionFeatures, measure_lesions, write_lesio
 from PRLDetectorLib.images import (
     VolumeCheck,
     file_sha256,
-    head_mask,
     read_image,
     validate_flair,
     validate_qsm,
@@ -36,7 +35,7 @@ from PRLDetectorLib.images import (
 from PRLDetectorLib.inference import Segmenter
 from PRLDetectorLib.lesions import find_lesions
 from PRLDetectorLib.models import ModelInfo, check_channels, resolve_model
-from PRLDetectorLib.registration import Alignment, flair_to_qsm_grid
+from PRLDetectorLib.registration import Alignment, flair_channel
 from PRLDetectorLib.segments import write_seg_nrrd
 from PRLDetectorLib.settings import DetectionSettings
 
@@ -106,10 +105,7 @@ class Detector:
             flair, checks["flair"] = validate_flair(flair)
             if progress:
                 progress(0.03, "Bringing FLAIR onto the QSM grid")
-            flair_on_qsm, alignment = flair_to_qsm_grid(flair, qsm)
-            # The network saw FLAIR masked to the QSM brain in training (see dataset.py): do the same here.
-            brain = head_mask(sitk.GetArrayViewFromImage(qsm))
-            channels["flair"] = _image_like(np.where(brain, sitk.GetArrayViewFromImage(flair_on_qsm), 0).astype(np.float32), qsm)
+            channels["flair"], alignment = flair_channel(flair, qsm)
         timings["inputs_s"] = time.perf_counter() - started
 
         t = time.perf_counter()

@@ -136,6 +136,19 @@ def flair_to_qsm_grid(flair: sitk.Image, qsm: sitk.Image, mode: str = "auto") ->
     return registered, Alignment("rigid registration", overlap, dice_before, dice_after, tuple(transform.GetParameters()))
 
 
+def flair_channel(flair: sitk.Image, qsm: sitk.Image, mode: str = "auto") -> tuple[sitk.Image, Alignment]:
+    """The FLAIR input channel of a QSM + FLAIR network: on the QSM grid and masked to the QSM brain.
+
+    Training data (:mod:`PRLDetectorLib.dataset`) and inference (:mod:`PRLDetectorLib.pipeline`) both take it
+    from here, so the network sees at inference exactly what it was trained on.
+    """
+    on_grid, alignment = flair_to_qsm_grid(flair, qsm, mode)
+    brain = head_mask(sitk.GetArrayViewFromImage(qsm))
+    masked = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayViewFromImage(on_grid), 0).astype(np.float32))
+    masked.CopyInformation(qsm)
+    return masked, alignment
+
+
 def _register_rigid(qsm_outline: sitk.Image, flair: sitk.Image) -> sitk.Euler3DTransform:
     # Fixed: the QSM brain outline, smoothed so the metric has a gradient to follow. QSM contrast inside the
     # brain is too faint and noisy for mutual information with FLAIR; the outline is shared by both.
