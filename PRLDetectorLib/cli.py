@@ -117,13 +117,14 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from PRLDetectorLib.training import run_training_job
 
-    if args.epochs < 1 or args.iterations < 1:
-        raise InputError("--epochs and --iterations must be 1 or more.")
+    if args.epochs < 1 or args.iterations < 1 or args.save_every < 1:
+        raise InputError("--epochs, --iterations and --save-every must be 1 or more.")
     model = run_training_job(
         cases_dir=Path(args.cases), work_dir=Path(args.work), model_out=Path(args.model_out), name=args.name,
         with_flair=args.flair, dataset_id=args.dataset_id, small=args.plan == "small", epochs=args.epochs,
         iterations_per_epoch=args.iterations, val_iterations=args.val_iterations, seed=args.seed,
-        device=args.device, fold=int(args.fold) if args.fold.isdigit() else args.fold,
+        device=args.device, fold=int(args.fold) if args.fold.isdigit() else args.fold, resume=args.resume,
+        save_every=args.save_every,
     )
     print(f"Model: {model}")
     return 0
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fold", default="0", help="nnU-Net fold (0-4, or 'all' to train on every case)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    train.add_argument("--resume", action="store_true",
+                       help="go on with an interrupted run in --work from its last checkpoint, with the epochs and "
+                            "iterations it was started with (give the same --dataset-id, --plan, --fold)")
+    train.add_argument("--save-every", type=int, default=5, help="epochs between checkpoints (default: %(default)s)")
     train.set_defaults(func=cmd_train)
 
     export_model = sub.add_parser("export-model", help="export a trained (or still training) nnU-Net run as a model")

@@ -130,22 +130,29 @@ def seed_everything(seed: int) -> None:
 def train(
     folders: TrainingFolders, dataset_id: int, plans_name: str, epochs: int, iterations_per_epoch: int,
     val_iterations: int, fold: int | str = 0, seed: int = 0, device: str = "auto",
+    resume_from: Path | None = None, save_every: int = 5,
 ):
-    """Train with nnU-Net's own ``nnUNetTrainer`` through its Python API; returns the trainer."""
+    """Train with nnU-Net's own ``nnUNetTrainer`` through its Python API; returns the trainer.
+
+    ``resume_from``: a ``checkpoint_latest.pth`` of this run; nnU-Net restores the weights, optimizer, epoch,
+    learning-rate schedule position and log from it and trains on to ``epochs`` (its ``--c``)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from PRLDetectorLib.inference import pick_device
 
     preprocessed = next(folders.preprocessed.glob(f"Dataset{dataset_id:03d}_*"))
     plans = json.loads((preprocessed / f"{plans_name}.json").read_text(encoding="utf-8"))
-    plans["continue_training"] = False  # nnU-Net's run_training entry point sets this; the API does not
+    plans["continue_training"] = resume_from is not None  # nnU-Net's run_training sets this; the API does not
     dataset = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
     seed_everything(seed)
     trainer = nnUNetTrainer(plans, CONFIGURATION, fold, dataset, device=pick_device(device))
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations_per_epoch
     trainer.num_val_iterations_per_epoch = val_iterations
-    trainer.save_every = 5
+    trainer.save_every = save_every
+    if resume_from is not None:
+        trainer.load_checkpoint(str(resume_from))
+        logger.info("Resuming %s at epoch %d of %d", resume_from, trainer.current_epoch, epochs)
     trainer.run_training()
     return trainer
 
@@ -204,20 +211,46 @@ def training_curve(log: dict) -> list[dict]:
 def run_training_job(
     cases_dir: Path, work_dir: Path, model_out: Path, name: str, with_flair: bool, dataset_id: int,
     small: bool, epochs: int, iterations_per_epoch: int, val_iterations: int, seed: int, device: str,
-    fold: int | str = 0,
+    fold: int | str = 0, resume: bool = False, save_every: int = 5,
 ) -> Path:
-    """The whole ``prl-detect train``: dataset, planning, training, export. Returns the model folder."""
+    """The whole ``prl-detect train``: dataset, planning, training, export. Returns the model folder.
+
+    ``resume``: go on with an interrupted run in ``work_dir`` (same dataset id, plan and fold) from its last
+    saved checkpoint (every ``save_every`` epochs), with the epochs and iterations that run was started with."""
     if model_out.exists():
         raise InputError(f"The model folder '{model_out}' exists already; remove it or choose another.")
     folders = TrainingFolders(work_dir)
-    folders.activate()
-    raw = folders.raw / dataset_name(dataset_id, name)
-    n_cases = build_raw_dataset(cases_dir, raw, with_flair)
-    logger.info("Raw dataset %s: %d cases", raw, n_cases)
-    plan_and_preprocess(folders, dataset_id)
     plans_name = SMALL_PLANS if small else DEFAULT_PLANS
-    train(folders, dataset_id, plans_name, epochs, iterations_per_epoch, val_iterations, fold, seed, device)
+    resume_from = None
+    if resume:
+        resume_from, epochs, iterations_per_epoch, val_iterations = interrupted_run(folders, dataset_id, plans_name, fold)
+        folders.activate()
+    else:
+        folders.activate()
+        raw = folders.raw / dataset_name(dataset_id, name)
+        n_cases = build_raw_dataset(cases_dir, raw, with_flair)
+        logger.info("Raw dataset %s: %d cases", raw, n_cases)
+        plan_and_preprocess(folders, dataset_id)
+    train(folders, dataset_id, plans_name, epochs, iterations_per_epoch, val_iterations, fold, seed, device,
+          resume_from=resume_from, save_every=save_every)
     return export_trained_model(work_dir, dataset_id, model_out, name, "final", fold, cases_dir=cases_dir, seed=seed)
+
+
+def interrupted_run(folders: TrainingFolders, dataset_id: int, plans_name: str,
+                    fold: int | str) -> tuple[Path, int, int, int]:
+    """The ``checkpoint_latest.pth`` of an unfinished run and the epochs, iterations per epoch and validation
+    iterations it was started with (the learning-rate schedule depends on the epochs)."""
+    runs = sorted(folders.results.glob(f"Dataset{dataset_id:03d}_*/nnUNetTrainer__{plans_name}__{CONFIGURATION}/fold_{fold}"))
+    fold_dir = runs[0] if runs else folders.results
+    latest, debug = fold_dir / "checkpoint_latest.pth", fold_dir / "debug.json"
+    if runs and (fold_dir / "checkpoint_final.pth").is_file():
+        raise InputError(f"The run in '{fold_dir}' finished already; export it with `prl-detect export-model`.")
+    if not latest.is_file() or not debug.is_file():
+        raise InputError(f"'{folders.root}' holds no interrupted run of dataset {dataset_id} (plan {plans_name}, "
+                         f"fold {fold}) with a saved checkpoint; train without --resume.")
+    started = json.loads(debug.read_text(encoding="utf-8"))
+    return (latest, int(started["num_epochs"]), int(started["num_iterations_per_epoch"]),
+            int(started["num_val_iterations_per_epoch"]))
 
 
 def export_trained_model(
