@@ -187,6 +187,7 @@ class PRLDetectorParameterNode:
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = _DEFAULTS.threshold
     minLesionMm3: Annotated[float, WithinRange(0.0, 10000.0)] = _DEFAULTS.min_lesion_mm3
     connectivity: Annotated[int, Choice(CONNECTIVITIES)] = _DEFAULTS.connectivity
+    minRimCoverage: Annotated[float, WithinRange(0.0, 1.0)] = _DEFAULTS.min_rim_coverage
     outputSegmentation: vtkMRMLSegmentationNode
     lesionTable: slicer.vtkMRMLTableNode
 
@@ -198,6 +199,7 @@ SETTINGS_PARAMETERS = {
     "threshold": "threshold",
     "min_lesion_mm3": "minLesionMm3",
     "connectivity": "connectivity",
+    "min_rim_coverage": "minRimCoverage",
 }
 """DetectionSettings field → parameter node name."""
 

@@ -37,6 +37,9 @@ def _add_detection_options(parser: argparse.ArgumentParser) -> None:
                         help="drop lesions smaller than this (default: %(default)s mm³)")
     parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=defaults.connectivity,
                         help="voxel connectivity that splits lesions (default: %(default)s)")
+    parser.add_argument("--min-rim-coverage", type=float, default=defaults.min_rim_coverage,
+                        help="rim check: drop lesions whose paramagnetic rim covers less than this share of their "
+                             "edge; 0.67 is the consensus PRL definition (default: %(default)s = off)")
 
 
 def _settings(args: argparse.Namespace):
@@ -44,7 +47,7 @@ def _settings(args: argparse.Namespace):
 
     return DetectionSettings(
         model=args.model, device=args.device, tta=args.tta, threshold=args.threshold,
-        min_lesion_mm3=args.min_lesion_mm3, connectivity=args.connectivity,
+        min_lesion_mm3=args.min_lesion_mm3, connectivity=args.connectivity, min_rim_coverage=args.min_rim_coverage,
     )
 
 

@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     if evaluate is not None:
         evaluate.add_argument("--min-overlap-voxels", type=int, default=1,
                               help="voxels a predicted lesion must share with a true PRL to hit it (default: 1)")
+        evaluate.add_argument("--min-rim-coverage", type=float, default=0.0,
+                              help="score only the predicted lesions `detect --min-rim-coverage` would keep (from "
+                                   "lesions.csv, no new detection; default: 0 = all)")
         evaluate.set_defaults(func=cmd_evaluate)
 
     detect = subparsers.choices.get("detect")
@@ -110,11 +113,15 @@ def _with_detect_exports(detect_func):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from PRLDetectorLib.evaluation import compare_evaluations, evaluate_folders
 
-    evaluation = evaluate_folders(Path(args.gt), Path(args.pred), min_overlap_voxels=args.min_overlap_voxels)
+    if not 0.0 <= args.min_rim_coverage <= 1.0:
+        raise InputError(f"Minimum rim coverage {args.min_rim_coverage} is outside [0, 1]; use a share such as 0.67.")
+    options = {"min_overlap_voxels": args.min_overlap_voxels, "min_rim_coverage": args.min_rim_coverage}
+    evaluation = evaluate_folders(Path(args.gt), Path(args.pred), **options)
     print(evaluation.format_table())
-    record = {"pred": str(args.pred), "gt": str(args.gt), "evaluation": evaluation.to_dict()}
+    record = {"pred": str(args.pred), "gt": str(args.gt), "min_rim_coverage": args.min_rim_coverage,
+              "evaluation": evaluation.to_dict()}
     if args.compare:
-        other = evaluate_folders(Path(args.gt), Path(args.compare), min_overlap_voxels=args.min_overlap_voxels)
+        other = evaluate_folders(Path(args.gt), Path(args.compare), **options)
         comparison = compare_evaluations(evaluation, other)
         print(f"\nB = {args.compare}:")
         print(other.format_table())

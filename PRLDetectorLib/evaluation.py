@@ -497,7 +497,8 @@ def evaluate_case(
 
 
 def evaluate_folders(
-    gt_dir: Path, pred_dir: Path, *, min_overlap_voxels: int = 1, skip_missing: bool = False
+    gt_dir: Path, pred_dir: Path, *, min_overlap_voxels: int = 1, skip_missing: bool = False,
+    min_rim_coverage: float = 0.0,
 ) -> CohortEvaluation:
     """Evaluate every case of ``gt_dir`` against the prediction of the same name in ``pred_dir``.
 
@@ -506,6 +507,10 @@ def evaluate_folders(
     folders of the same names with ``prl_labels.nii.gz``. Either may also be a single case folder.
     A case with ground truth but no prediction is an input error, or with ``skip_missing`` left out with a
     warning (a batch report over the patients that did not fail).
+
+    ``min_rim_coverage`` > 0 scores only the predicted lesions that ``detect --min-rim-coverage`` keeps
+    (``paramagnetic_edge_fraction`` of the result's ``lesions.csv`` at least that), without rerunning the
+    network.
     """
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     for what, folder in (("ground-truth", gt_dir), ("prediction", pred_dir)):
@@ -541,7 +546,7 @@ def evaluate_folders(
                 "on it or remove it from the ground-truth folder."
             )
     cases = tuple(
-        _evaluate_case_folder(case_id, gt_case, pred_case, min_overlap_voxels)
+        _evaluate_case_folder(case_id, gt_case, pred_case, min_overlap_voxels, min_rim_coverage)
         for case_id, gt_case, pred_case in pairs
     )
     return CohortEvaluation(cases=cases, min_overlap_voxels=min_overlap_voxels)
@@ -589,7 +594,9 @@ def _hits_by_lesion(evaluation: CohortEvaluation | CaseEvaluation) -> dict[tuple
     }
 
 
-def _evaluate_case_folder(case_id: str, gt_case: Path, pred_case: Path, min_overlap_voxels: int) -> CaseEvaluation:
+def _evaluate_case_folder(
+    case_id: str, gt_case: Path, pred_case: Path, min_overlap_voxels: int, min_rim_coverage: float = 0.0
+) -> CaseEvaluation:
     gt_image = _read(gt_case / GT_MASK_NAME, case_id)
     gt_mask = sitk.GetArrayViewFromImage(gt_image) != 0
     gt_labels = _ground_truth_labels(case_id, gt_case, gt_image, gt_mask)
@@ -600,12 +607,26 @@ def _evaluate_case_folder(case_id: str, gt_case: Path, pred_case: Path, min_over
     if pred_labels.size and pred_labels.max() <= 1:
         # A binary prediction is a mask, not instances: split it the way detection does.
         pred_labels = cc3d.connected_components(pred_labels, connectivity=26)
+    if min_rim_coverage > 0:
+        pred_labels[np.isin(pred_labels, _rimless_ids(case_id, pred_case, min_rim_coverage))] = 0
     evaluation = evaluate_case(gt_labels, pred_labels, case_id=case_id, min_overlap_voxels=min_overlap_voxels)
     logger.info(
         "%s: %d/%d true PRL(s) detected, %d false positive(s), Dice %.3f",
         case_id, evaluation.detected, evaluation.gt_count, evaluation.false_positives, evaluation.dice,
     )
     return evaluation
+
+
+def _rimless_ids(case_id: str, pred_case: Path, min_rim_coverage: float) -> list[int]:
+    from PRLDetectorLib.features import read_lesions_csv
+
+    table = pred_case / "lesions.csv"
+    if not table.is_file():
+        raise InputError(f"Case '{case_id}' has no lesions.csv in {pred_case}, which the rim check needs; "
+                         "evaluate a prl-detect result or leave out --min-rim-coverage.")
+    rows = read_lesions_csv(table)
+    return [int(row["lesion_id"]) for row in rows
+            if not row["paramagnetic_edge_fraction"] >= min_rim_coverage * (1 - 1e-9)]
 
 
 def _ground_truth_labels(case_id: str, gt_case: Path, gt_image: sitk.Image, gt_mask: np.ndarray) -> np.ndarray:

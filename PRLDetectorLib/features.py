@@ -309,6 +309,13 @@ def _paramagnetic_fraction(offsets_lps: np.ndarray, rim_q: np.ndarray, threshold
     return float(np.count_nonzero(paramagnetic) / np.count_nonzero(occupied))
 
 
+def lesions_without_rim(lesions: Iterable[LesionFeatures], min_coverage: float) -> list[int]:
+    """Ids of the lesions whose paramagnetic rim covers less than ``min_coverage`` of their edge (a lesion
+    whose coverage cannot be measured, NaN, shows no rim)."""
+    return [lesion.lesion_id for lesion in lesions
+            if not lesion.paramagnetic_edge_fraction >= min_coverage * (1 - 1e-9)]
+
+
 def _finite(values: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)]
 

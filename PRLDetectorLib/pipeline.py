@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from PRLDetectorLib import __version__
 from PRLDetectorLib.burden import Burden, compute_burden
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import LesionFeatures, measure_lesions, write_lesions_csv
+from PRLDetectorLib.features import LesionFeatures, lesions_without_rim, measure_lesions, write_lesions_csv
 from PRLDetectorLib.images import (
     VolumeCheck,
     file_sha256,
@@ -33,7 +33,7 @@ from PRLDetectorLib.images import (
     validate_qsm,
 )
 from PRLDetectorLib.inference import Segmenter
-from PRLDetectorLib.lesions import find_lesions
+from PRLDetectorLib.lesions import find_lesions, relabel_consecutive
 from PRLDetectorLib.models import ModelInfo, check_channels, resolve_model
 from PRLDetectorLib.registration import Alignment, flair_channel
 from PRLDetectorLib.segments import write_seg_nrrd
@@ -119,7 +119,16 @@ class Detector:
         labels = find_lesions(
             probability_values >= settings.threshold, qsm.GetSpacing(), settings.min_lesion_mm3, settings.connectivity
         )
-        lesions = measure_lesions(labels, sitk.GetArrayViewFromImage(qsm), qsm, probability_values)
+        qsm_values = sitk.GetArrayViewFromImage(qsm)
+        lesions = measure_lesions(labels, qsm_values, qsm, probability_values)
+        if settings.min_rim_coverage > 0:
+            rimless = lesions_without_rim(lesions, settings.min_rim_coverage)
+            if rimless:
+                labels[np.isin(labels, rimless)] = 0
+                labels = relabel_consecutive(labels, by_volume=True)
+                lesions = measure_lesions(labels, qsm_values, qsm, probability_values)
+            logger.info("Rim check: dropped %d of %d lesion(s) whose paramagnetic rim covers < %.0f %% of the edge",
+                        len(rimless), len(rimless) + len(lesions), 100 * settings.min_rim_coverage)
         burden = compute_burden(lesions)
         timings["lesions_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - started

@@ -317,7 +317,8 @@ def case_report_html(result_dir: Path, case_id: str | None = None, flair: Path |
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>Paramagnetic rim lesions – {esc(case_id)}</h1>",
         f"<div class='meta'>Model {esc(str(model.get('name', '?')))} ({esc(str(model.get('version', '?')))}), "
-        f"threshold {settings.get('threshold', '?')}, minimum lesion {settings.get('min_lesion_mm3', '?')} mm³; "
+        f"threshold {settings.get('threshold', '?')}, minimum lesion {settings.get('min_lesion_mm3', '?')} mm³, "
+        f"rim check {_rim_check(settings)}; "
         f"detected {esc(str(record.get('created_utc', '?')))}; PRLDetector {esc(__version__)}. "
         "For research use; every lesion needs a reader's confirmation.</div>",
         "<div class='burden'>",
@@ -520,3 +521,8 @@ def write_cohort_report(
     out_path.write_text(cohort_report_html(out_dir, gt_dir, association, association_png), encoding="utf-8")
     logger.info("Wrote %s", out_path)
     return out_path
+
+
+def _rim_check(settings: dict) -> str:
+    coverage = settings.get("min_rim_coverage") or 0.0
+    return f"rim ≥ {100 * coverage:.0f} % of the edge" if coverage > 0 else "off"

@@ -27,6 +27,10 @@ class DetectionSettings:
     """Lesion instances smaller than this are dropped."""
     connectivity: int = 26
     """Voxel connectivity that splits the PRL mask into lesions (6, 18 or 26)."""
+    min_rim_coverage: float = 0.0
+    """Rim check: lesions whose paramagnetic rim covers less than this share of their edge are dropped
+    (``paramagnetic_edge_fraction`` of the lesion table; the consensus PRL definition asks for a rim around
+    at least 2/3 of the lesion). 0 keeps every lesion the network finds."""
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first setting that is out of range."""
@@ -38,6 +42,8 @@ class DetectionSettings:
             raise InputError(f"Minimum lesion size {self.min_lesion_mm3} mm³ is negative; use 0 or more.")
         if self.connectivity not in CONNECTIVITIES:
             raise InputError(f"Connectivity {self.connectivity} is not 6, 18 or 26; use one of those.")
+        if not 0.0 <= self.min_rim_coverage <= 1.0:
+            raise InputError(f"Minimum rim coverage {self.min_rim_coverage} is outside [0, 1]; use a share such as 0.67.")
         if not str(self.model).strip():
             raise InputError("No model is given; name a bundled model (qsm, qsm_flair) or an nnU-Net model folder.")
 

@@ -13,6 +13,7 @@ from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.features import (
     LESION_COLUMNS,
     LesionFeatures,
+    lesions_without_rim,
     measure_lesions,
     read_lesions_csv,
     write_lesions_csv,
@@ -181,6 +182,32 @@ def test_a_lesion_without_a_rim_has_no_paramagnetic_edge():
     labels, qsm, reference, _ = _sphere_with_partial_rim()
     qsm[labels > 0] = 0.015  # above the surround, but by less than the 0.02 ppm margin
     assert _only(measure_lesions(labels, qsm, reference)).paramagnetic_edge_fraction == 0.0
+
+
+def test_the_rim_check_keeps_the_lesions_whose_rim_covers_enough_of_the_edge():
+    """Three spheres side by side: a full rim, a rim around 3/4 of the edge, no rim."""
+    n, radius = 32, 9.0
+    z, y, x = np.indices((n, n, 3 * n))
+    labels = np.zeros(z.shape, np.uint16)
+    qsm = np.full(z.shape, 0.01, np.float32)
+    for lesion, coverage in ((1, 1.0), (2, 0.75), (3, 0.0)):
+        cx = 15.5 + (lesion - 1) * n
+        r = np.sqrt((z - 15.5) ** 2 + (y - 15.5) ** 2 + (x - cx) ** 2)
+        inside = r <= radius
+        labels[inside] = lesion
+        qsm[inside] = 0.0
+        shell = inside & (r > radius - 2)
+        if coverage == 0.75:
+            shell &= ~((x > cx) & (y > 15.5))
+        if coverage > 0:
+            qsm[shell] = 0.1
+    lesions = measure_lesions(labels, qsm, _reference(labels.shape))
+    assert [round(lesion.paramagnetic_edge_fraction, 1) for lesion in lesions] == [1.0, 0.8, 0.0]
+    assert lesions_without_rim(lesions, 2 / 3) == [3]
+    assert lesions_without_rim(lesions, 0.9) == [2, 3]
+    assert lesions_without_rim(lesions, 0.0) == []
+    unmeasurable = LesionFeatures(**{**vars(lesions[0]), "paramagnetic_edge_fraction": math.nan})
+    assert lesions_without_rim([unmeasurable], 0.1) == [1]
 
 
 def test_threads_do_not_change_the_results():
