@@ -96,6 +96,10 @@ def small_cpu_plans(plans: dict) -> dict:
     arch["strides"] = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     arch["n_conv_per_stage"] = [2] * 4
     arch["n_conv_per_stage_decoder"] = [2] * 3
+    # Dice over the whole batch, not per patch: most 48³ patches hold no PRL, and a per-patch Dice rewards
+    # predicting nothing on them so much that training can settle on an empty prediction (measured: the
+    # QSM + FLAIR model sat at pseudo-Dice 0 for 7 epochs with per-patch Dice).
+    config["batch_dice"] = True
     # The preprocessed data stays nnU-Net's 3d_fullres data (same spacing and normalisation).
     config["data_identifier"] = plans["configurations"][CONFIGURATION]["data_identifier"]
     small["configurations"] = {CONFIGURATION: config}

@@ -83,6 +83,7 @@ def test_training_exports_an_inference_only_model_with_card_and_curve(trained):
     config = plans["configurations"]["3d_fullres"]
     assert config["patch_size"] == [48, 48, 48]
     assert config["architecture"]["arch_kwargs"]["features_per_stage"] == [16, 32, 64, 128]
+    assert config["batch_dice"] is True
     state = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert state["trainer_name"] == "nnUNetTrainer"
     assert "optimizer_state" not in state

@@ -11,5 +11,9 @@ mkdir -p "$WORK"
 [ -d "$WORK/cases" ] || $BIN/prl-detect phantom --out "$WORK/cases" --n 24 --seed 5000 --flair --extent-mm 128 150 100
 $BIN/prl-detect batch --cases "$WORK/cases" --out "$WORK/pred_qsm" --model qsm --device cpu
 $BIN/prl-detect batch --cases "$WORK/cases" --out "$WORK/pred_qsm_flair" --model qsm_flair --device cpu
+# The network alone (the paper's method), then with the rim check (--min-rim-coverage 0.67, replayed on the
+# same results from lesions.csv: exactly the lesions `detect --min-rim-coverage 0.67` keeps).
 $BIN/prl-detect evaluate --gt "$WORK/cases" --pred "$WORK/pred_qsm" --compare "$WORK/pred_qsm_flair" \
   --json "$WORK/evaluation.json"
+$BIN/prl-detect evaluate --gt "$WORK/cases" --pred "$WORK/pred_qsm" --compare "$WORK/pred_qsm_flair" \
+  --min-rim-coverage 0.67 --json "$WORK/evaluation_rim_check.json"
