@@ -14,8 +14,8 @@ from PRLDetectorLib.pipeline import Detector
 from PRLDetectorLib.settings import DetectionSettings
 from PRLDetectorLib.training import sha256_of
 
-# Every model in Resources/Models and its input channels. The QSM + FLAIR model joins when it ships (issue #3).
-MODELS = {"qsm": ("qsm",)}
+# Every model in Resources/Models and its input channels.
+MODELS = {"qsm": ("qsm",), "qsm_flair": ("qsm", "flair")}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
