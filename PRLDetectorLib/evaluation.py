@@ -618,15 +618,14 @@ def _evaluate_case_folder(
 
 
 def _rimless_ids(case_id: str, pred_case: Path, min_rim_coverage: float) -> list[int]:
-    from PRLDetectorLib.features import read_lesions_csv
+    from PRLDetectorLib.features import read_lesions_csv, rim_covers
 
     table = pred_case / "lesions.csv"
     if not table.is_file():
         raise InputError(f"Case '{case_id}' has no lesions.csv in {pred_case}, which the rim check needs; "
                          "evaluate a prl-detect result or leave out --min-rim-coverage.")
     rows = read_lesions_csv(table)
-    return [int(row["lesion_id"]) for row in rows
-            if not row["paramagnetic_edge_fraction"] >= min_rim_coverage * (1 - 1e-9)]
+    return [int(row["lesion_id"]) for row in rows if not rim_covers(row["paramagnetic_edge_fraction"], min_rim_coverage)]
 
 
 def _ground_truth_labels(case_id: str, gt_case: Path, gt_image: sitk.Image, gt_mask: np.ndarray) -> np.ndarray:

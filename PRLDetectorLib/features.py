@@ -309,11 +309,15 @@ def _paramagnetic_fraction(offsets_lps: np.ndarray, rim_q: np.ndarray, threshold
     return float(np.count_nonzero(paramagnetic) / np.count_nonzero(occupied))
 
 
+def rim_covers(paramagnetic_edge_fraction: float, min_coverage: float) -> bool:
+    """The rim check of one lesion: its paramagnetic rim covers at least ``min_coverage`` of its edge (a
+    coverage that cannot be measured, NaN, shows no rim)."""
+    return bool(paramagnetic_edge_fraction >= min_coverage * (1 - 1e-9))
+
+
 def lesions_without_rim(lesions: Iterable[LesionFeatures], min_coverage: float) -> list[int]:
-    """Ids of the lesions whose paramagnetic rim covers less than ``min_coverage`` of their edge (a lesion
-    whose coverage cannot be measured, NaN, shows no rim)."""
-    return [lesion.lesion_id for lesion in lesions
-            if not lesion.paramagnetic_edge_fraction >= min_coverage * (1 - 1e-9)]
+    """Ids of the lesions that fail the rim check at ``min_coverage``."""
+    return [lesion.lesion_id for lesion in lesions if not rim_covers(lesion.paramagnetic_edge_fraction, min_coverage)]
 
 
 def _finite(values: np.ndarray) -> np.ndarray:

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "PRLDetectorLib", "-q", *map(str, args)], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "PRLDetectorLib", "-q", *map(str, args)], capture_output=True, text=True,
+        encoding="utf-8", errors="replace", timeout=900,
     )
 
 
@@ -311,7 +312,8 @@ def test_progress_lines_report_increasing_fractions_for_the_slicer_panel(tmp_pat
     require_model("qsm")
     done = subprocess.run(
         [sys.executable, "-m", "PRLDetectorLib", "detect", "--qsm", str(small_case / "qsm.nii.gz"),
-         "--out", str(tmp_path / "out"), "--progress-lines"], capture_output=True, text=True, timeout=900,
+         "--out", str(tmp_path / "out"), "--progress-lines"], capture_output=True, text=True, encoding="utf-8",
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr
     fractions = [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PRLDETECTOR_PROGRESS")]

@@ -26,8 +26,9 @@ EPOCHS = 2
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, nnUNet_n_proc_DA="1", OMP_NUM_THREADS="2")
+    # UTF-8 named: VTK (slicer-core, imported by other tests) leaves this process in the C locale.
     return subprocess.run([sys.executable, "-m", "PRLDetectorLib", "-q", *map(str, args)], capture_output=True,
-                          text=True, timeout=1200, env=env)
+                          text=True, encoding="utf-8", errors="replace", timeout=1200, env=env)
 
 
 def assert_refused(done: subprocess.CompletedProcess, phrase: str) -> None:
