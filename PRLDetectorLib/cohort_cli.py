@@ -113,8 +113,6 @@ def _with_detect_exports(detect_func):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from PRLDetectorLib.evaluation import compare_evaluations, evaluate_folders
 
-    if not 0.0 <= args.min_rim_coverage <= 1.0:
-        raise InputError(f"Minimum rim coverage {args.min_rim_coverage} is outside [0, 1]; use a share such as 0.67.")
     options = {"min_overlap_voxels": args.min_overlap_voxels, "min_rim_coverage": args.min_rim_coverage}
     evaluation = evaluate_folders(Path(args.gt), Path(args.pred), **options)
     print(evaluation.format_table())

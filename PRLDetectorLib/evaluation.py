@@ -512,6 +512,9 @@ def evaluate_folders(
     (``paramagnetic_edge_fraction`` of the result's ``lesions.csv`` at least that), without rerunning the
     network.
     """
+    from PRLDetectorLib.settings import check_rim_coverage
+
+    check_rim_coverage(min_rim_coverage)
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     for what, folder in (("ground-truth", gt_dir), ("prediction", pred_dir)):
         if not folder.is_dir():

@@ -42,10 +42,15 @@ class DetectionSettings:
             raise InputError(f"Minimum lesion size {self.min_lesion_mm3} mm³ is negative; use 0 or more.")
         if self.connectivity not in CONNECTIVITIES:
             raise InputError(f"Connectivity {self.connectivity} is not 6, 18 or 26; use one of those.")
-        if not 0.0 <= self.min_rim_coverage <= 1.0:
-            raise InputError(f"Minimum rim coverage {self.min_rim_coverage} is outside [0, 1]; use a share such as 0.67.")
+        check_rim_coverage(self.min_rim_coverage)
         if not str(self.model).strip():
             raise InputError("No model is given; name a bundled model (qsm, qsm_flair) or an nnU-Net model folder.")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_rim_coverage(value: float) -> None:
+    """The rim check's minimum coverage is a share of the lesion edge, 0 (off) to 1."""
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"Minimum rim coverage {value} is outside [0, 1]; use a share such as 0.67.")
