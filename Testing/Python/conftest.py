@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,19 @@ def require_model(name: str) -> Path:
     path = REPO / "Resources" / "Models" / name
     assert (path / "dataset.json").is_file(), f"bundled model '{name}' is missing from {path.parent}"
     return path
+
+
+def run_cli(*args, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``prl-detect -q ARGS`` in a child process. Its output is decoded as UTF-8 by name: VTK (slicer-core,
+    imported by other tests) leaves this process in the C locale."""
+    return subprocess.run([sys.executable, "-m", "PRLDetectorLib", "-q", *map(str, args)], capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=timeout, env=env)
+
+
+def assert_refused(done: subprocess.CompletedProcess, phrase: str) -> None:
+    """Bad input: exit code 2, no traceback, and one last stderr line naming the problem."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("prl-detect: error: "), done.stderr
+    assert phrase in lines[-1], lines[-1]

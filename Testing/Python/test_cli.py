@@ -15,24 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import require_model
+from conftest import assert_refused, require_model, run_cli
 
 pytestmark = pytest.mark.slow
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "PRLDetectorLib", "-q", *map(str, args)], capture_output=True, text=True,
-        encoding="utf-8", errors="replace", timeout=900,
-    )
-
-
-def assert_refused(done: subprocess.CompletedProcess, phrase: str) -> None:
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("prl-detect: error: "), done.stderr
-    assert phrase in lines[-1], lines[-1]
 
 
 @pytest.fixture(scope="module")

@@ -18,24 +18,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import assert_refused
+from conftest import run_cli as run_prl_detect
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 2
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, nnUNet_n_proc_DA="1", OMP_NUM_THREADS="2")
-    # UTF-8 named: VTK (slicer-core, imported by other tests) leaves this process in the C locale.
-    return subprocess.run([sys.executable, "-m", "PRLDetectorLib", "-q", *map(str, args)], capture_output=True,
-                          text=True, encoding="utf-8", errors="replace", timeout=1200, env=env)
-
-
-def assert_refused(done: subprocess.CompletedProcess, phrase: str) -> None:
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    last = [line for line in done.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("prl-detect: error: ") and phrase in last, last
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return run_prl_detect(*args, timeout=1200, env=dict(os.environ, nnUNet_n_proc_DA="1", OMP_NUM_THREADS="2"))
 
 
 @pytest.fixture(scope="module")
