@@ -99,12 +99,17 @@ def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None
     labels.CopyInformation(qsm)  # NIfTI rounds the header of a DICOM-read grid by ~1e-6 mm
     flair = None
     window = None
-    flair_path = flair_path or inputs.get("flair", {}).get("path")
+    recorded = inputs.get("flair", {}).get("path")
+    flair_path = flair_path or recorded
     if flair_path:
-        from PRLDetectorLib.registration import flair_to_qsm_grid
+        from PRLDetectorLib.registration import euler_from_record, flair_to_qsm_grid
 
-        # The same alignment as detection would make (it is deterministic), so FLAIR and outline agree.
-        flair, _ = flair_to_qsm_grid(read_image(flair_path, "FLAIR"), qsm)
+        flair = read_image(flair_path, "FLAIR")
+        transform = euler_from_record(record.get("flair_alignment")) if str(flair_path) == str(recorded) else None
+        if transform is not None:  # the registration detection made, so FLAIR and outlines agree
+            flair = sitk.Resample(flair, qsm, transform, sitk.sitkLinear, 0.0, flair.GetPixelID())
+        else:  # the same alignment detection would make (it is deterministic)
+            flair, _ = flair_to_qsm_grid(flair, qsm)
         values = sitk.GetArrayViewFromImage(flair)[brain]
         if values.size:
             low, high = np.percentile(values, FLAIR_PERCENTILES)

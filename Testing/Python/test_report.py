@@ -101,3 +101,30 @@ def test_the_cohort_page_links_patients_lists_failures_and_compares_with_truth(c
     assert "The QSM is all zero" in page
     assert "Against ground truth" in page and "100.0 % (2/2)" in page  # lesion sensitivity of the truth
     assert len(images(page)) == 2  # distributions, and predicted against true counts
+
+
+def test_the_flair_row_uses_the_registration_detection_recorded(cohort):
+    # Detection records its FLAIR registration in burden.json; the report must show FLAIR exactly as the
+    # network saw it, not a registration of its own. A recorded 4 mm shift must therefore show up.
+    import json
+
+    import SimpleITK as sitk
+
+    from PRLDetectorLib.registration import Alignment, euler_from_record
+    from PRLDetectorLib.report import _load_volumes
+
+    cases, out = cohort
+    record = json.loads((out / "p1" / "burden.json").read_text(encoding="utf-8"))
+    qsm = sitk.ReadImage(str(cases / "p1" / "qsm.nii.gz"), sitk.sitkFloat32)
+    flair = sitk.ReadImage(str(cases / "p1" / "flair.nii.gz"), sitk.sitkFloat32)
+    centre = qsm.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in qsm.GetSize()])
+    recorded = Alignment("rigid registration", 1.0, 0.9, 0.95, (0.0, 0.0, 0.05, 4.0, 0.0, 0.0), centre)
+    record["flair_alignment"] = recorded.to_dict()
+    shown = sitk.GetArrayFromImage(_load_volumes(out / "p1", record).flair)
+    expected = sitk.GetArrayFromImage(
+        sitk.Resample(flair, qsm, euler_from_record(record["flair_alignment"]), sitk.sitkLinear, 0.0, flair.GetPixelID()))
+    np.testing.assert_array_equal(shown, expected)
+    # Without a recorded registration the report aligns FLAIR itself, which is not that shift.
+    record["flair_alignment"] = None
+    own = sitk.GetArrayFromImage(_load_volumes(out / "p1", record).flair)
+    assert np.abs(own.astype(float) - expected).mean() > 0.05 * np.abs(expected).mean()

@@ -2,7 +2,8 @@
 # Rebuilds a bundled model exactly as shipped (see README, "Bundled models").
 # Usage: Testing/Scripts/train_bundled_models.sh [WORK_DIR] [qsm|qsm_flair]
 #   (default /tmp/prl_train and qsm; ~2.5 min per epoch of 100 iterations on 2 CPU cores)
-#   EPOCHS overrides the schedule (qsm_flair shipped with 15, qsm was started with 30).
+#   EPOCHS overrides the schedule (qsm_flair shipped with 15 epochs, qsm with 30).
+#   An interrupted run: add --resume to the train call below (it keeps the run's own epochs/iterations).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/prl_train}
