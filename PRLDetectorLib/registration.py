@@ -52,10 +52,6 @@ class Alignment:
             "mutual_information_before_after": [round(v, 5) for v in self.mutual_information],
         }
 
-    def euler(self) -> sitk.Euler3DTransform | None:
-        """The registration as a transform for ``sitk.Resample(flair, qsm, ...)``; None when there was none."""
-        return euler_from_record(self.to_dict())
-
 
 def euler_from_record(record: dict | None) -> sitk.Euler3DTransform | None:
     """Rebuild a recorded registration (``Alignment.to_dict``, as burden.json keeps it); None without one."""
@@ -65,6 +61,18 @@ def euler_from_record(record: dict | None) -> sitk.Euler3DTransform | None:
     euler.SetCenter([float(v) for v in record["center_mm"]])
     euler.SetParameters([float(v) for v in record["transform"]])
     return euler
+
+
+def flair_as_recorded(flair: sitk.Image, qsm: sitk.Image, record: dict | None) -> sitk.Image | None:
+    """FLAIR on the QSM grid exactly as a recorded alignment (``Alignment.to_dict``) put it, without
+    registering again; None when the record cannot say (none, or a registration recorded without its centre)."""
+    method = (record or {}).get("method")
+    if method == "identical grid" and same_grid(flair, qsm):
+        return flair
+    if method == "resampled":
+        return _resample(flair, qsm, sitk.Transform(3, sitk.sitkIdentity))
+    transform = euler_from_record(record)
+    return None if transform is None else _resample(flair, qsm, transform)
 
 
 def physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -147,13 +155,14 @@ def flair_to_qsm_grid(flair: sitk.Image, qsm: sitk.Image, mode: str = "auto") ->
         return resampled, header_only
 
     fixed = _fixed_image(qsm, qsm_outline)
+    moving = sitk.Cast(flair, sitk.sitkFloat32)
     try:
-        transform = _register_rigid(fixed, qsm_outline, flair)
+        transform = _register_rigid(fixed, qsm_outline, moving)
     except RuntimeError as error:  # e.g. a QSM without contrast
         logger.warning("Rigid registration of FLAIR failed (%s); keeping the scanner-space resampling.",
                        str(error).strip().splitlines()[-1][:120])
         return resampled, header_only
-    information = (_mutual_information(fixed, flair, identity), _mutual_information(fixed, flair, transform))
+    information = (_mutual_information(fixed, moving, identity), _mutual_information(fixed, moving, transform))
     if mode == "auto" and (information[1] >= information[0] or -information[1] < MIN_MUTUAL_INFORMATION):
         logger.info("Registration did not improve on the scanner-space alignment, or the two share too little "
                     "structure to trust it (mutual information %.4f → %.4f); keeping the resampling.",
@@ -200,9 +209,9 @@ def _fixed_image(qsm: sitk.Image, qsm_outline: sitk.Image) -> sitk.Image:
     return fixed
 
 
-def _register_rigid(fixed: sitk.Image, qsm_outline: sitk.Image, flair: sitk.Image) -> sitk.Euler3DTransform:
-    # The scanner-space headers are the starting point; rotation about the brain's centre.
-    moving = sitk.Cast(flair, sitk.sitkFloat32)
+def _register_rigid(fixed: sitk.Image, qsm_outline: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransform:
+    # ``moving``: FLAIR as float32. The scanner-space headers are the starting point; rotation about the
+    # brain's centre.
     initial = sitk.Euler3DTransform()
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.Execute(qsm_outline)
@@ -225,11 +234,12 @@ def _register_rigid(fixed: sitk.Image, qsm_outline: sitk.Image, flair: sitk.Imag
     return sitk.Euler3DTransform(sitk.CompositeTransform(result).GetNthTransform(0))
 
 
-def _mutual_information(fixed: sitk.Image, flair: sitk.Image, transform: sitk.Transform) -> float:
-    """Registration's own metric at one transform, over every voxel at full resolution (deterministic)."""
+def _mutual_information(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
+    """Registration's own metric at one transform, over every voxel at full resolution (deterministic);
+    ``moving``: FLAIR as float32."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=48)
     method.SetMetricSamplingStrategy(method.NONE)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetInitialTransform(transform)
-    return float(method.MetricEvaluate(fixed, sitk.Cast(flair, sitk.sitkFloat32)))
+    return float(method.MetricEvaluate(fixed, moving))

@@ -102,14 +102,15 @@ def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None
     recorded = inputs.get("flair", {}).get("path")
     flair_path = flair_path or recorded
     if flair_path:
-        from PRLDetectorLib.registration import euler_from_record, flair_to_qsm_grid
+        from PRLDetectorLib.registration import flair_as_recorded, flair_to_qsm_grid
 
-        flair = read_image(flair_path, "FLAIR")
-        transform = euler_from_record(record.get("flair_alignment")) if str(flair_path) == str(recorded) else None
-        if transform is not None:  # the registration detection made, so FLAIR and outlines agree
-            flair = sitk.Resample(flair, qsm, transform, sitk.sitkLinear, 0.0, flair.GetPixelID())
-        else:  # the same alignment detection would make (it is deterministic)
-            flair, _ = flair_to_qsm_grid(flair, qsm)
+        original = read_image(flair_path, "FLAIR")
+        # The alignment detection made and recorded, so FLAIR and outlines agree; else the same alignment
+        # detection would make (it is deterministic).
+        same_file = str(flair_path) == str(recorded)
+        flair = flair_as_recorded(original, qsm, record.get("flair_alignment")) if same_file else None
+        if flair is None:
+            flair, _ = flair_to_qsm_grid(original, qsm)
         values = sitk.GetArrayViewFromImage(flair)[brain]
         if values.size:
             low, high = np.percentile(values, FLAIR_PERCENTILES)

@@ -124,6 +124,10 @@ def test_the_flair_row_uses_the_registration_detection_recorded(cohort):
     expected = sitk.GetArrayFromImage(
         sitk.Resample(flair, qsm, euler_from_record(record["flair_alignment"]), sitk.sitkLinear, 0.0, flair.GetPixelID()))
     np.testing.assert_array_equal(shown, expected)
+    # A recorded "resampled" (a registration detection tried and rejected) is not registered again.
+    record["flair_alignment"] = Alignment("resampled", 1.0, 0.9, 0.9).to_dict()
+    plain = sitk.GetArrayFromImage(sitk.Resample(flair, qsm, sitk.Transform(), sitk.sitkLinear, 0.0, flair.GetPixelID()))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(_load_volumes(out / "p1", record).flair), plain)
     # Without a recorded registration the report aligns FLAIR itself, which is not that shift.
     record["flair_alignment"] = None
     own = sitk.GetArrayFromImage(_load_volumes(out / "p1", record).flair)

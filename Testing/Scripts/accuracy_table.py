@@ -20,23 +20,19 @@ def _cell(proportion: dict) -> str:
     return f"{100 * proportion['value']:.1f} % ({proportion['successes']}/{proportion['total']})"
 
 
-def _row(name: str, evaluation: dict) -> str:
+def _figures(evaluation: dict) -> dict:
+    """One model's row of the table, as the model card keeps it."""
     patient = evaluation["patient"]["ge1"]
-    cells = [_cell(evaluation["lesion_sensitivity"]), _cell(evaluation["lesion_precision"]),
-             _cell(patient["sensitivity"]), _cell(patient["specificity"]),
-             f"{evaluation['false_positives_per_patient']:.2f}"]
-    return f"| {name} | " + " | ".join(cells) + " |"
+    return {"lesion_sensitivity": _cell(evaluation["lesion_sensitivity"]),
+            "lesion_precision": _cell(evaluation["lesion_precision"]),
+            "patient_sensitivity_ge1": _cell(patient["sensitivity"]),
+            "patient_specificity_ge1": _cell(patient["specificity"]),
+            "false_positives_per_patient": round(evaluation["false_positives_per_patient"], 2)}
 
 
-def _card_block(evaluation: dict, rim_checked: dict) -> dict:
-    def figures(e: dict) -> dict:
-        return {"lesion_sensitivity": _cell(e["lesion_sensitivity"]), "lesion_precision": _cell(e["lesion_precision"]),
-                "patient_sensitivity_ge1": _cell(e["patient"]["ge1"]["sensitivity"]),
-                "patient_specificity_ge1": _cell(e["patient"]["ge1"]["specificity"]),
-                "false_positives_per_patient": round(e["false_positives_per_patient"], 2)}
-
-    return {"test_set": TEST_SET, "network_alone": figures(evaluation),
-            "with_rim_check_0.67": figures(rim_checked)}
+def _row(name: str, evaluation: dict) -> str:
+    *cells, false_positives = _figures(evaluation).values()
+    return f"| {name} | " + " | ".join([*cells, f"{false_positives:.2f}"]) + " |"
 
 
 def main() -> None:
@@ -58,13 +54,13 @@ def main() -> None:
         print(f"\n{label}: McNemar (lesion detection) {json.dumps(record['compare']['mcnemar'])}")
         print(f"{label}: all tests {json.dumps(tests)}")
     if args.write_cards:
-        for name, key in (("qsm", "evaluation"), ("qsm_flair", None)):
+        models = (("qsm", plain["evaluation"], rim["evaluation"]),
+                  ("qsm_flair", plain["compare"]["evaluation"], rim["compare"]["evaluation"]))
+        for name, evaluation, rim_checked in models:
             card_path = REPO / "Resources" / "Models" / name / "model.json"
             card = json.loads(card_path.read_text(encoding="utf-8"))
-            if key:
-                card["accuracy"] = _card_block(plain["evaluation"], rim["evaluation"])
-            else:
-                card["accuracy"] = _card_block(plain["compare"]["evaluation"], rim["compare"]["evaluation"])
+            card["accuracy"] = {"test_set": TEST_SET, "network_alone": _figures(evaluation),
+                                "with_rim_check_0.67": _figures(rim_checked)}
             card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
             print(f"Wrote the accuracy of {name} into {card_path}")
 
