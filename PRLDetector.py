@@ -1,7 +1,7 @@
 """PRL Detector: paramagnetic rim lesions of multiple sclerosis on QSM (+FLAIR), found by nnU-Net v2.
 
 This file is wiring: the panel, the parameter node and a Logic that delegates to
-:mod:`PRLDetectorLib.slicer_logic`. Everything that computes lives in ``PRLDetectorLib``.
+:mod:`PRLDetectorLib.mrml.logic`. Everything that computes lives in ``PRLDetectorLib``.
 """
 
 import importlib
@@ -32,9 +32,11 @@ from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.settings import CONNECTIVITIES, DEVICES, DetectionSettings
 
 LIB_MODULES = (
-    "errors", "settings", "process", "models", "images", "lesions", "features", "burden", "segments",
-    "registration", "inference", "evaluation", "pipeline", "dataset", "phantom_anatomy", "phantom_lesions",
-    "phantom", "training", "batch", "bids", "dicom_seg", "cli", "mrml_bridge", "slicer_logic",
+    "errors", "settings", "results", "progress", "mrml.process", "detection.models", "detection.images",
+    "detection.lesions", "detection.features", "detection.burden", "exports.segments", "detection.registration",
+    "detection.inference", "cohort.evaluation", "detection.pipeline", "training.dataset", "phantom.anatomy",
+    "phantom.lesions", "phantom.phantom", "training.training", "cohort.bids", "cohort.batch", "exports.dicom_seg",
+    "cli.options", "cli.cohort", "cli.main", "mrml.bridge", "mrml.logic",
 )
 """Library submodules in dependency order, for reloading; modules not imported are skipped, and loaded
 modules missing from this list are reloaded after it."""
@@ -480,7 +482,7 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onParameterNodeModified()
 
     def onPollDetection(self) -> None:
-        from PRLDetectorLib.process import Finished, Progress
+        from PRLDetectorLib.mrml.process import Finished, Progress
 
         if self._run is None:
             self.pollTimer.stop()
@@ -645,7 +647,7 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class PRLDetectorLogic(ScriptedLoadableModuleLogic):
-    """Runs without the panel: every method delegates to :class:`PRLDetectorLib.slicer_logic.SceneLogic`.
+    """Runs without the panel: every method delegates to :class:`PRLDetectorLib.mrml.logic.SceneLogic`.
 
     Example (Python console)::
 
@@ -667,7 +669,7 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
         """The scene logic, created on first use: its imports need the installed dependencies."""
         scene = self._scene or slicer.mrmlScene
         if self._core is None or self._core.scene is not scene:
-            from PRLDetectorLib.slicer_logic import SceneLogic
+            from PRLDetectorLib.mrml.logic import SceneLogic
 
             self._core = SceneLogic(scene, pythonSlicerExecutable(), slicer.util.startupEnvironment(), modelsDirectory())
         return self._core
@@ -675,12 +677,12 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
     # Models (no heavy imports: usable before dependencies are installed)
 
     def availableModels(self):
-        from PRLDetectorLib.models import bundled_models
+        from PRLDetectorLib.detection.models import bundled_models
 
         return bundled_models([modelsDirectory()])
 
     def installModel(self, source):
-        from PRLDetectorLib.models import install_model
+        from PRLDetectorLib.detection.models import install_model
 
         return install_model(source, modelsDirectory())
 
@@ -713,7 +715,7 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
         return self.core.lesion_center_ras(segmentationNode, lesionId)
 
     def segmentIdOfLesion(self, segmentationNode, lesionId: int):
-        from PRLDetectorLib.mrml_bridge import segment_id_of_lesion
+        from PRLDetectorLib.mrml.bridge import segment_id_of_lesion
 
         return segment_id_of_lesion(segmentationNode, lesionId)
 
@@ -730,7 +732,7 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
     # Export and annotation
 
     def existingExportFiles(self, folder) -> list:
-        from PRLDetectorLib.slicer_logic import EXPORT_FILES
+        from PRLDetectorLib.results import EXPORT_FILES
 
         return [name for name in EXPORT_FILES if (Path(folder) / name).exists()]
 
@@ -783,7 +785,7 @@ class PRLDetectorTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
-        from PRLDetectorLib import mrml_bridge as bridge
+        from PRLDetectorLib.mrml import bridge
 
         self.delayDisplay("Creating a phantom case")
         logic = PRLDetectorLogic()

@@ -1,5 +1,5 @@
 import sys
 
-from PRLDetectorLib.cli import main
+from PRLDetectorLib.cli.main import main
 
 sys.exit(main())

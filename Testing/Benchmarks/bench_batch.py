@@ -42,8 +42,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    from PRLDetectorLib.batch import run_batch
-    from PRLDetectorLib.phantom import generate_cohort
+    from PRLDetectorLib.cohort.batch import run_batch
+    from PRLDetectorLib.phantom.phantom import generate_cohort
     from PRLDetectorLib.settings import DetectionSettings
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_batch_"))

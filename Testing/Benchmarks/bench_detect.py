@@ -39,7 +39,7 @@ print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUS
 _BATCH = """
 import sys
 from pathlib import Path
-from PRLDetectorLib.pipeline import Detector, write_result
+from PRLDetectorLib.detection.pipeline import Detector, write_result
 from PRLDetectorLib.settings import DetectionSettings
 model, out = sys.argv[1], Path(sys.argv[2])
 detector = Detector(DetectionSettings(model=model, device="cpu", tta=False))
@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(HERE.parents[2]))
-    from PRLDetectorLib.models import resolve_model
+    from PRLDetectorLib.detection.models import resolve_model
 
     model = resolve_model(args.model)
     work = args.work or Path(tempfile.mkdtemp(prefix="prl-bench-"))

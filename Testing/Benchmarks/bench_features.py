@@ -17,8 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from PRLDetectorLib.features import measure_lesions
-from PRLDetectorLib.lesions import find_lesions
+from PRLDetectorLib.detection.features import measure_lesions
+from PRLDetectorLib.detection.lesions import find_lesions
 
 logger = logging.getLogger("bench_features")
 

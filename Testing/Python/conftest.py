@@ -19,7 +19,7 @@ SMALL_EXTENT_MM = (96.0, 112.0, 72.0)
 @pytest.fixture(scope="session")
 def small_case(tmp_path_factory) -> Path:
     """One small-field-of-view phantom patient with QSM + FLAIR and three PRLs; returns its folder."""
-    from PRLDetectorLib.phantom import generate_case, write_case
+    from PRLDetectorLib.phantom.phantom import generate_case, write_case
 
     out = tmp_path_factory.mktemp("phantom")
     case = generate_case("case_small", seed=4242, with_flair=True, extent_mm=SMALL_EXTENT_MM, n_prl=3)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from PRLDetectorLib.burden import compute_burden
-from PRLDetectorLib.features import measure_lesions
-from PRLDetectorLib.lesions import relabel_consecutive
-from PRLDetectorLib.models import ModelInfo
-from PRLDetectorLib.pipeline import DetectionResult, write_result
+from PRLDetectorLib.detection.burden import compute_burden
+from PRLDetectorLib.detection.features import measure_lesions
+from PRLDetectorLib.detection.lesions import relabel_consecutive
+from PRLDetectorLib.detection.models import ModelInfo
+from PRLDetectorLib.detection.pipeline import DetectionResult, write_result
 from PRLDetectorLib.settings import DetectionSettings
 
 TINY_EXTENT_MM = (64.0, 72.0, 56.0)
@@ -23,7 +23,7 @@ TRUTH_MODEL = ModelInfo(name="truth", path=Path("truth"), channels=("qsm",), fol
 
 
 def write_phantom(folder: Path, case_id: str, seed: int, n_prl: int, with_flair: bool = True) -> Path:
-    from PRLDetectorLib.phantom import generate_case, write_case
+    from PRLDetectorLib.phantom.phantom import generate_case, write_case
 
     return write_case(generate_case(case_id, seed=seed, with_flair=with_flair, extent_mm=TINY_EXTENT_MM, n_prl=n_prl), folder)
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from PRLDetectorLib.association import associate, ordinary_least_squares, plot_association, spearman
+from PRLDetectorLib.cohort.association import associate, ordinary_least_squares, plot_association, spearman
 from PRLDetectorLib.errors import InputError
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import require_model
 
-from PRLDetectorLib.batch import CaseExports, run_batch
+from PRLDetectorLib.cohort.batch import CaseExports, run_batch
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.settings import DetectionSettings
 
@@ -88,7 +88,7 @@ def test_the_batch_command_takes_cases_or_bids_not_both(tmp_path):
 def _cohort_parser():
     import argparse
 
-    from PRLDetectorLib import cohort_cli
+    from PRLDetectorLib.cli import cohort as cohort_cli
 
     parser = argparse.ArgumentParser()
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -97,7 +97,8 @@ def _cohort_parser():
 
 
 def test_the_batch_knows_a_finished_patient_by_the_file_the_pipeline_writes_last():
-    from PRLDetectorLib import batch, pipeline
+    from PRLDetectorLib.cohort import batch
+    from PRLDetectorLib.detection import pipeline
 
     assert batch.RESULT_MARKER == pipeline.RESULT_MARKER
 
@@ -105,7 +106,7 @@ def test_the_batch_knows_a_finished_patient_by_the_file_the_pipeline_writes_last
 def test_cohort_tables_are_readable_like_any_file_the_user_writes(finished_cohort, tmp_path):
     import os
 
-    from PRLDetectorLib.batch import BatchReport, write_cohort_tables
+    from PRLDetectorLib.cohort.batch import BatchReport, write_cohort_tables
 
     out = tmp_path / "out"
     shutil.copytree(finished_cohort / "out", out)

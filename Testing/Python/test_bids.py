@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 from result_fixtures import write_phantom, write_truth_result_of_case
 
-from PRLDetectorLib.batch import run_bids_batch
-from PRLDetectorLib.bids import LESION_COLUMN_DESCRIPTIONS, find_bids_scans
+from PRLDetectorLib.cohort.batch import run_bids_batch
+from PRLDetectorLib.cohort.bids import LESION_COLUMN_DESCRIPTIONS, find_bids_scans
+from PRLDetectorLib.detection.features import LESION_COLUMNS
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import LESION_COLUMNS
 from PRLDetectorLib.settings import DetectionSettings
 
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from PRLDetectorLib.burden import Burden, compute_burden
-from PRLDetectorLib.features import LesionFeatures
+from PRLDetectorLib.detection.burden import Burden, compute_burden
+from PRLDetectorLib.detection.features import LesionFeatures
 
 
 def _lesion(lesion_id: int, volume_mm3: float) -> LesionFeatures:
@@ -53,7 +53,7 @@ def test_no_prls_is_negative_with_zero_volume():
 
 
 def test_excluded_ids_that_match_no_lesion_are_reported_and_ignored(caplog):
-    with caplog.at_level(logging.WARNING, logger="PRLDetectorLib.burden"):
+    with caplog.at_level(logging.WARNING, logger="PRLDetectorLib.detection.burden"):
         burden = compute_burden(_lesions(10.0, 20.0), excluded_ids=[9])
     assert burden.prl_count == 2
     assert "9" in caplog.text

@@ -63,7 +63,7 @@ def test_the_prls_of_the_phantom_are_found(detected, small_case):
 def test_segments_table_and_label_ids_agree(detected):
     import slicerio
 
-    from PRLDetectorLib.features import LESION_COLUMNS, read_lesions_csv
+    from PRLDetectorLib.detection.features import LESION_COLUMNS, read_lesions_csv
 
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(detected / "prl_labels.nii.gz")))
     ids = sorted(int(i) for i in np.unique(labels) if i)
@@ -261,7 +261,7 @@ def test_bad_settings_are_refused(tmp_path, small_case):
 
 
 def test_the_rim_check_keeps_the_lesions_with_a_rim_around_two_thirds_of_the_edge(detected, small_case, tmp_path):
-    from PRLDetectorLib.features import read_lesions_csv
+    from PRLDetectorLib.detection.features import read_lesions_csv
 
     out = tmp_path / "rim"
     done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--out", out, "--device", "cpu",
@@ -285,7 +285,7 @@ def test_the_rim_check_keeps_the_lesions_with_a_rim_around_two_thirds_of_the_edg
         if (before[gt == lesion["id"]] > 0).any():
             assert (labels[gt == lesion["id"]] > 0).any(), f"the rim check dropped true PRL {lesion['id']}"
     # evaluate --min-rim-coverage scores the unchecked result as detect's rim check would have left it.
-    from PRLDetectorLib.evaluation import evaluate_folders
+    from PRLDetectorLib.cohort.evaluation import evaluate_folders
 
     checked = evaluate_folders(small_case, out).cases[0]
     replayed = evaluate_folders(small_case, detected, min_rim_coverage=0.67).cases[0]

@@ -9,7 +9,7 @@ import pytest
 from conftest import require_model
 from result_fixtures import write_phantom, write_truth_result_of_case
 
-from PRLDetectorLib.batch import (
+from PRLDetectorLib.cohort.batch import (
     _WORKER_DETECTORS,
     CaseExports,
     check_scale_out,

@@ -12,9 +12,9 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from PRLDetectorLib.dicom_seg import NONE_FOUND_LABEL, write_dicom_seg
+from PRLDetectorLib.detection.images import read_image
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.images import read_image
+from PRLDetectorLib.exports.dicom_seg import NONE_FOUND_LABEL, write_dicom_seg
 
 SHAPE_ZYX = (6, 20, 24)
 SPACING_XYZ = (0.8, 0.9, 1.5)
@@ -135,7 +135,8 @@ def test_labels_on_another_grid_are_an_input_error(tmp_path):
 
 
 def test_a_finished_batch_patient_with_a_dicom_qsm_gets_its_seg_when_the_batch_resumes(tmp_path):
-    from PRLDetectorLib.batch import DICOM_SEG_NAME, Case, CaseExports, process_case
+    from PRLDetectorLib.cohort.batch import Case, CaseExports, process_case
+    from PRLDetectorLib.results import DICOM_SEG_NAME
     from PRLDetectorLib.settings import DetectionSettings
 
     folder = write_mr_series(tmp_path / "cases" / "p1" / "qsm")
@@ -154,20 +155,12 @@ def test_a_finished_batch_patient_with_a_dicom_qsm_gets_its_seg_when_the_batch_r
 
 
 def test_detect_with_dicom_seg_refuses_a_qsm_file_before_detecting(tmp_path):
-    import argparse
+    from PRLDetectorLib.cli.main import build_parser
 
-    from PRLDetectorLib import cohort_cli
-
-    calls = []
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    detect = sub.add_parser("detect")
-    detect.add_argument("--qsm")
-    detect.add_argument("--out")
-    detect.set_defaults(func=lambda args: calls.append(args) or 0)
-    cohort_cli.register(sub)
-
-    args = parser.parse_args(["detect", "--qsm", str(tmp_path / "qsm.nii.gz"), "--out", "x", "--dicom-seg"])
+    # No QSM file, no model: the refusal must come before anything of the detection is tried.
+    out = tmp_path / "x"
+    args = build_parser().parse_args(["detect", "--qsm", str(tmp_path / "qsm.nii.gz"), "--out", str(out), "--dicom-seg",
+                                      "--model", "no-such-model"])
     with pytest.raises(InputError, match="DICOM series folder"):
         args.func(args)
-    assert calls == []
+    assert not out.exists()

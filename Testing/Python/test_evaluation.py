@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.evaluation import (
+from PRLDetectorLib.cohort.evaluation import (
     CaseEvaluation,
     CohortEvaluation,
     Proportion,
@@ -21,6 +20,7 @@ from PRLDetectorLib.evaluation import (
     evaluate_folders,
     mcnemar,
 )
+from PRLDetectorLib.errors import InputError
 
 
 def _constructed_case() -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +228,7 @@ def test_a_prediction_on_another_grid_is_an_input_error(cohort_folders):
 def test_predictions_without_truth_are_ignored_with_a_warning(cohort_folders, caplog):
     gt_dir, pred_dir = cohort_folders
     _write(pred_dir / "p99" / "prl_labels.nii.gz", np.zeros((6, 12, 20), np.uint16))
-    with caplog.at_level(logging.WARNING, logger="PRLDetectorLib.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="PRLDetectorLib.cohort.evaluation"):
         assert len(evaluate_folders(gt_dir, pred_dir).cases) == 2
     assert "p99" in caplog.text
 
@@ -270,7 +270,7 @@ def test_lesion_f1_and_false_positives_per_patient_follow_from_the_counts():
 
 
 def test_icc_of_a_constant_offset_matches_the_hand_computed_value():
-    from PRLDetectorLib.evaluation import icc_2_1
+    from PRLDetectorLib.cohort.evaluation import icc_2_1
 
     # True 1, 2, 3 and predicted 2, 3, 4: MS subjects 2, MS raters 1.5, MS error 0, so
     # ICC(2,1) = 2 / (2 + 0 + 2 * 1.5 / 3) = 2/3 (a perfect rank agreement, one PRL too many each).
@@ -279,7 +279,7 @@ def test_icc_of_a_constant_offset_matches_the_hand_computed_value():
 
 
 def test_count_agreement_reports_spearman_and_bland_altman_limits():
-    from PRLDetectorLib.evaluation import count_agreement
+    from PRLDetectorLib.cohort.evaluation import count_agreement
 
     agreement = count_agreement([0, 1, 2, 3, 4], [0, 2, 2, 4, 4])
     differences = np.array([0, 1, 0, 1, 0])
@@ -292,7 +292,7 @@ def test_count_agreement_reports_spearman_and_bland_altman_limits():
 
 
 def test_the_papers_precision_comparison_is_fishers_exact_test_on_its_counts():
-    from PRLDetectorLib.evaluation import compare_proportions
+    from PRLDetectorLib.cohort.evaluation import compare_proportions
 
     # Internal test set: QSM only 147/188 against QSM + FLAIR 126/192, reported as P = 0.009.
     result = compare_proportions(Proportion(147, 188), Proportion(126, 192))
@@ -301,7 +301,7 @@ def test_the_papers_precision_comparison_is_fishers_exact_test_on_its_counts():
 
 
 def test_patient_classification_is_compared_with_mcnemar_paired_by_patient():
-    from PRLDetectorLib.evaluation import compare_evaluations
+    from PRLDetectorLib.cohort.evaluation import compare_evaluations
 
     a = CohortEvaluation(cases=(
         _case("A", 5, 4, detected=4, matched=4), _case("B", 2, 1, detected=1, matched=1),

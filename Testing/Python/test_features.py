@@ -9,8 +9,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.distance import cdist
 
-from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import (
+from PRLDetectorLib.detection.features import (
     LESION_COLUMNS,
     LesionFeatures,
     lesions_without_rim,
@@ -18,6 +17,7 @@ from PRLDetectorLib.features import (
     read_lesions_csv,
     write_lesions_csv,
 )
+from PRLDetectorLib.errors import InputError
 
 
 def _reference(shape_zyx, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None) -> sitk.Image:

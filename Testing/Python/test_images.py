@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from PRLDetectorLib.detection.images import read_image, same_grid, validate_flair, validate_qsm
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.images import read_image, same_grid, validate_flair, validate_qsm
 
 
 def _brain_like(shape=(20, 24, 22), value=0.05, seed=0) -> np.ndarray:

@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from PRLDetectorLib.detection.lesions import find_lesions, lesion_extents, relabel_consecutive
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.lesions import find_lesions, lesion_extents, relabel_consecutive
 
 ISO = (1.0, 1.0, 1.0)
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.models import (
+from PRLDetectorLib.detection.models import (
     BUNDLED_MODELS_DIR,
     check_channels,
     install_model,
     resolve_model,
     validate_model_folder,
 )
+from PRLDetectorLib.errors import InputError
 
 
 def _model_folder(root: Path, channels=("QSM",), labels=None, checkpoint=True) -> Path:

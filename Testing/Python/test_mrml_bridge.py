@@ -12,11 +12,11 @@ import slicer
 import slicerio
 import vtk
 
-from PRLDetectorLib import mrml_bridge as bridge
+from PRLDetectorLib.detection.features import LESION_COLUMNS, measure_lesions
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import LESION_COLUMNS, measure_lesions
-from PRLDetectorLib.phantom import generate_case
-from PRLDetectorLib.segments import PRL_TERMINOLOGY, segment_color
+from PRLDetectorLib.exports.segments import PRL_TERMINOLOGY, segment_color
+from PRLDetectorLib.mrml import bridge
+from PRLDetectorLib.phantom.phantom import generate_case
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:

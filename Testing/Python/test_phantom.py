@@ -15,8 +15,8 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.phantom import VARY_GRID_SPACINGS, generate_case, generate_cohort, write_case
-from PRLDetectorLib.phantom_anatomy import CSF, NUCLEI, VEIN, VENTRICLE, WM
+from PRLDetectorLib.phantom.anatomy import CSF, NUCLEI, VEIN, VENTRICLE, WM
+from PRLDetectorLib.phantom.phantom import VARY_GRID_SPACINGS, generate_case, generate_cohort, write_case
 
 EXTENT_MM = (96, 96, 64)
 # Seed 2 in this box holds 4 forced PRLs, rimless lesions (two with a faint partial rim) and 3 microbleeds.

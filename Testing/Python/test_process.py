@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from PRLDetectorLib.process import (
+from PRLDetectorLib.mrml.process import (
     EXIT_INPUT_ERROR,
     ChildProcess,
     Finished,

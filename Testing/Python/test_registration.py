@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.images import same_grid
-from PRLDetectorLib.registration import (
+from PRLDetectorLib.detection.images import same_grid
+from PRLDetectorLib.detection.registration import (
     MIN_MUTUAL_INFORMATION,
     euler_from_record,
     flair_to_qsm_grid,
     overlap_fraction,
 )
+from PRLDetectorLib.errors import InputError
 
 
 def _head(size=(80, 96, 72), spacing=(1.0, 1.0, 1.0), origin=(-40.0, -48.0, -36.0)) -> tuple[sitk.Image, sitk.Image]:

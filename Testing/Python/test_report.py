@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from result_fixtures import write_phantom, write_truth_result_of_case
 
-from PRLDetectorLib.batch import BatchReport, write_cohort_tables
-from PRLDetectorLib.report import (
+from PRLDetectorLib.cohort.batch import BatchReport, write_cohort_tables
+from PRLDetectorLib.cohort.report import (
     LESION_COLOR,
     _planes,
     case_report_html,
@@ -110,8 +110,8 @@ def test_the_flair_row_uses_the_registration_detection_recorded(cohort):
 
     import SimpleITK as sitk
 
-    from PRLDetectorLib.registration import Alignment, euler_from_record
-    from PRLDetectorLib.report import _load_volumes
+    from PRLDetectorLib.cohort.report import _load_volumes
+    from PRLDetectorLib.detection.registration import Alignment, euler_from_record
 
     cases, out = cohort
     record = json.loads((out / "p1" / "burden.json").read_text(encoding="utf-8"))

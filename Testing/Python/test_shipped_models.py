@@ -9,10 +9,10 @@ import SimpleITK as sitk
 import torch
 from conftest import require_model
 
-from PRLDetectorLib.models import resolve_model
-from PRLDetectorLib.pipeline import Detector
+from PRLDetectorLib.detection.images import file_sha256
+from PRLDetectorLib.detection.models import resolve_model
+from PRLDetectorLib.detection.pipeline import Detector
 from PRLDetectorLib.settings import DetectionSettings
-from PRLDetectorLib.training import sha256_of
 
 # Every model in Resources/Models and its input channels.
 MODELS = {"qsm": ("qsm",), "qsm_flair": ("qsm", "flair")}
@@ -30,7 +30,7 @@ def test_a_shipped_model_is_small_inference_only_and_described_by_its_card(name)
     assert state["trainer_name"] == "nnUNetTrainer"
     assert "optimizer_state" not in state
     card = json.loads((path / "model.json").read_text(encoding="utf-8"))
-    assert card["checkpoint_sha256"] == sha256_of(checkpoint)
+    assert card["checkpoint_sha256"] == file_sha256(checkpoint)
     assert card["channels"] == [c.upper() for c in MODELS[name]]
     assert card["training"]["epochs"] >= 1
 
@@ -38,7 +38,7 @@ def test_a_shipped_model_is_small_inference_only_and_described_by_its_card(name)
 @pytest.fixture(scope="module")
 def held_out_like_case(tmp_path_factory):
     """The same patient as ``small_case`` seen through the held-out test set's 128 × 150 × 100 mm field of view."""
-    from PRLDetectorLib.phantom import generate_case, write_case
+    from PRLDetectorLib.phantom.phantom import generate_case, write_case
 
     case = generate_case("case_fov128", seed=4242, with_flair=True, extent_mm=(128.0, 150.0, 100.0), n_prl=3)
     return write_case(case, tmp_path_factory.mktemp("phantom_fov128"))

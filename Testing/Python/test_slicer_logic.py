@@ -21,14 +21,20 @@ import slicerio
 import vtk
 from conftest import require_model
 
-from PRLDetectorLib import mrml_bridge as bridge
+from PRLDetectorLib.detection.features import (
+    LESION_COLUMNS,
+    measure_lesions,
+    read_lesions_csv,
+    write_lesions_csv,
+)
+from PRLDetectorLib.detection.lesions import find_lesions
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import LESION_COLUMNS, measure_lesions, read_lesions_csv, write_lesions_csv
-from PRLDetectorLib.lesions import find_lesions
-from PRLDetectorLib.phantom import generate_case, write_case
-from PRLDetectorLib.process import Finished
+from PRLDetectorLib.mrml import bridge
+from PRLDetectorLib.mrml.logic import SceneLogic, output_name
+from PRLDetectorLib.mrml.process import Finished
+from PRLDetectorLib.phantom.phantom import generate_case, write_case
+from PRLDetectorLib.results import EXPORT_FILES
 from PRLDetectorLib.settings import DetectionSettings
-from PRLDetectorLib.slicer_logic import EXPORT_FILES, SceneLogic, output_name
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +362,7 @@ def test_cancel_kills_the_child_tree_and_leaves_the_scene_unchanged(scene, qsm_n
 def test_the_child_command_carries_every_setting(logic, qsm_node):
     _fake_model(logic.models_dir)
     settings = DetectionSettings(model="fake", device="cpu", tta=True, threshold=0.35, min_lesion_mm3=4.5, connectivity=6)
-    from PRLDetectorLib.slicer_logic import DetectionRun
+    from PRLDetectorLib.mrml.logic import DetectionRun
 
     run = DetectionRun(logic, qsm_node, None, settings, logic.resolve_model("fake"))
     try:
@@ -369,7 +375,7 @@ def test_the_child_command_carries_every_setting(logic, qsm_node):
     for part in ("detect", "--qsm q.nii", "--flair f.nii", "--device cpu", "--tta", "--threshold 0.35",
                  "--min-lesion-mm3 4.5", "--connectivity 6", "--progress-lines", str(logic.models_dir / "fake")):
         assert part in text
-    assert str(Path(bridge.__file__).parent.parent) in env["PYTHONPATH"].split(os.pathsep)
+    assert str(Path(bridge.__file__).parents[2]) in env["PYTHONPATH"].split(os.pathsep)
 
 
 # -- detection with the bundled model (slow) ------------------------------------------------------------------------------

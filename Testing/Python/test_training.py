@@ -33,7 +33,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> Path:
     """Five small phantom patients (nnU-Net's 5-fold split needs five)."""
-    from PRLDetectorLib.phantom import generate_case, write_case
+    from PRLDetectorLib.phantom.phantom import generate_case, write_case
 
     out = tmp_path_factory.mktemp("train_cases")
     for i in range(5):

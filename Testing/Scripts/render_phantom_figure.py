@@ -27,8 +27,8 @@ import SimpleITK as sitk  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from PRLDetectorLib.phantom import generate_case  # noqa: E402
-from PRLDetectorLib.phantom_anatomy import NUCLEI  # noqa: E402
+from PRLDetectorLib.phantom.anatomy import NUCLEI  # noqa: E402
+from PRLDetectorLib.phantom.phantom import generate_case  # noqa: E402
 
 logger = logging.getLogger("render_phantom_figure")
 QSM_WINDOW = (-0.15, 0.25)

@@ -14,8 +14,8 @@ from itertools import product
 import numpy as np
 import SimpleITK as sitk
 
+from PRLDetectorLib.detection.images import head_mask, same_grid
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.images import head_mask, same_grid
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def flair_to_qsm_grid(flair: sitk.Image, qsm: sitk.Image, mode: str = "auto") ->
 def flair_channel(flair: sitk.Image, qsm: sitk.Image, mode: str = "auto") -> tuple[sitk.Image, Alignment]:
     """The FLAIR input channel of a QSM + FLAIR network: on the QSM grid and masked to the QSM brain.
 
-    Training data (:mod:`PRLDetectorLib.dataset`) and inference (:mod:`PRLDetectorLib.pipeline`) both take it
+    Training data (:mod:`PRLDetectorLib.training.dataset`) and inference (:mod:`PRLDetectorLib.detection.pipeline`) both take it
     from here, so the network sees at inference exactly what it was trained on.
     """
     on_grid, alignment = flair_to_qsm_grid(flair, qsm, mode)

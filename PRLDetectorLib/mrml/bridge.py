@@ -27,10 +27,10 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from PRLDetectorLib.burden import Burden, compute_burden
+from PRLDetectorLib.detection.burden import Burden, compute_burden
+from PRLDetectorLib.detection.features import LESION_COLUMNS, LesionFeatures
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import LESION_COLUMNS, LesionFeatures
-from PRLDetectorLib.segments import PRL_TERMINOLOGY, segment_color, segment_name
+from PRLDetectorLib.exports.segments import PRL_TERMINOLOGY, segment_color, segment_name
 
 logger = logging.getLogger(__name__)
 

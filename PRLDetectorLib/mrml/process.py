@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PRLDetectorLib.progress import PROGRESS_PREFIX
+
 logger = logging.getLogger(__name__)
 
-PROGRESS_PREFIX = "PRLDETECTOR_PROGRESS"
-"""First word of the lines the CLI writes with ``--progress-lines``: ``PRLDETECTOR_PROGRESS <0..1> <message>``."""
 
 EXIT_OK = 0
 EXIT_BUG = 1

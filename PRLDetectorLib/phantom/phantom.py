@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from PRLDetectorLib import __version__
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.phantom_anatomy import (
+from PRLDetectorLib.phantom.anatomy import (
     BRAIN_CENTRE_LPS,
     CSF,
     GM,
@@ -42,7 +42,7 @@ from PRLDetectorLib.phantom_anatomy import (
     template_flair,
     warp,
 )
-from PRLDetectorLib.phantom_lesions import (
+from PRLDetectorLib.phantom.lesions import (
     MICROBLEED,
     PRL,
     RIMLESS,
@@ -79,7 +79,7 @@ class PhantomCase:
     gt_instances: sitk.Image
     truth: dict
     tissue: sitk.Image | None = field(default=None, repr=False)
-    """Tissue labels on the QSM grid (see ``phantom_anatomy.TISSUE_NAMES``); not written to disk."""
+    """Tissue labels on the QSM grid (see ``anatomy.TISSUE_NAMES``); not written to disk."""
     chi: sitk.Image | None = field(default=None, repr=False)
     """The true susceptibility (ppm) the QSM was simulated from; not written to disk."""
 

@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.results import atomic_path
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 MODEL_PATH_ENV = "PRLDETECTOR_MODEL_PATH"
 """Extra folders (os.pathsep-separated) searched for model names, e.g. the Slicer user model folder."""
 
+CHANNEL_NAMES = {"qsm": "QSM", "flair": "FLAIR"}
+"""The name of each input role in the ``channel_names`` of a dataset.json this tool writes."""
 # Channel names in dataset.json that mean the same input.
 CHANNEL_ALIASES = {
     "qsm": ("qsm", "chi", "susceptibility", "chimap"),
@@ -49,7 +52,8 @@ class ModelInfo:
         return str(self.card.get("title", self.name))
 
 
-def _channel_role(name: str) -> str:
+def channel_role(name: str) -> str:
+    """The input role (``qsm``, ``flair``) a dataset.json channel name stands for; an unknown name as it is."""
     key = name.strip().lower().replace(" ", "")
     for role, aliases in CHANNEL_ALIASES.items():
         if key in aliases:
@@ -82,7 +86,7 @@ def validate_model_folder(path: str | Path) -> ModelInfo:
     channel_names = dataset.get("channel_names") or dataset.get("modality")
     if not isinstance(channel_names, dict) or not channel_names:
         raise InputError(f"{what} has a dataset.json without channel_names; it is not an nnU-Net v2 model.")
-    channels = tuple(_channel_role(channel_names[k]) for k in sorted(channel_names, key=int))
+    channels = tuple(channel_role(channel_names[k]) for k in sorted(channel_names, key=int))
     if "qsm" not in channels:
         raise InputError(
             f"{what} takes channels {list(channel_names.values())} but no QSM; choose a PRL model trained on QSM."
@@ -188,11 +192,8 @@ def install_model(source: str | Path, models_dir: str | Path, name: str | None =
         target = models_dir / target_name
         if target.exists() and not overwrite:
             raise InputError(f"A model named '{target_name}' is already installed; remove it or choose another name.")
-        copy = staging / "copy"
-        shutil.copytree(root, copy, symlinks=False)
-        if target.exists():
-            shutil.rmtree(target)
-        copy.rename(target)
+        with atomic_path(target, folder=True) as copy:
+            shutil.copytree(root, copy, symlinks=False, dirs_exist_ok=True)
     logger.info("Installed model '%s' into %s", target_name, target)
     return validate_model_folder(target)
 

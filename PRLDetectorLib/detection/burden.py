@@ -6,7 +6,7 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 
-from PRLDetectorLib.features import LesionFeatures
+from PRLDetectorLib.detection.features import LesionFeatures
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from PRLDetectorLib.detection.models import ModelInfo
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.models import ModelInfo
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from PRLDetectorLib.phantom_anatomy import CSF, GM, NUCLEUS_LABELS, VEIN, VENTRICLE, WM
+from PRLDetectorLib.phantom.anatomy import CSF, GM, NUCLEUS_LABELS, VEIN, VENTRICLE, WM
 
 PRL, RIMLESS, MICROBLEED = "prl", "rimless", "microbleed"
 GAP_VOXELS = 2

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,30 +20,39 @@ import numpy as np
 import SimpleITK as sitk
 
 from PRLDetectorLib import __version__
-from PRLDetectorLib.burden import Burden, compute_burden
-from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import LesionFeatures, lesions_without_rim, measure_lesions, write_lesions_csv
-from PRLDetectorLib.images import (
+from PRLDetectorLib.detection.burden import Burden, compute_burden
+from PRLDetectorLib.detection.features import (
+    LesionFeatures,
+    lesions_without_rim,
+    measure_lesions,
+    write_lesions_csv,
+)
+from PRLDetectorLib.detection.images import (
     VolumeCheck,
     file_sha256,
     read_image,
     validate_flair,
     validate_qsm,
 )
-from PRLDetectorLib.inference import Segmenter
-from PRLDetectorLib.lesions import find_lesions, relabel_consecutive
-from PRLDetectorLib.models import ModelInfo, check_channels, resolve_model
-from PRLDetectorLib.registration import Alignment, flair_channel
-from PRLDetectorLib.segments import write_seg_nrrd
+from PRLDetectorLib.detection.inference import Segmenter
+from PRLDetectorLib.detection.lesions import find_lesions, relabel_consecutive
+from PRLDetectorLib.detection.models import ModelInfo, check_channels, resolve_model
+from PRLDetectorLib.detection.registration import Alignment, flair_channel
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.exports.segments import write_seg_nrrd
+from PRLDetectorLib.results import (
+    BURDEN_NAME,
+    LABELS_NAME,
+    LESIONS_NAME,
+    RESULT_MARKER,
+    SEGMENTATION_NAME,
+    atomic_path,
+)
 from PRLDetectorLib.settings import DetectionSettings
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-
-RESULT_FILES = ("prl_labels.nii.gz", "prl.seg.nrrd", "lesions.csv", "burden.json")
-RESULT_MARKER = "burden.json"
-
 
 @dataclass
 class DetectionResult:
@@ -223,23 +230,11 @@ def write_result(
     """Write the result files into ``out_dir`` all at once: a failure leaves no half-written folder."""
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        sitk.WriteImage(sitk.Cast(result.labels, sitk.sitkUInt16), str(staging / "prl_labels.nii.gz"), True)
-        write_seg_nrrd(result.labels, staging / "prl.seg.nrrd")
-        write_lesions_csv(staging / "lesions.csv", result.lesions)
-        (staging / "burden.json").write_text(json.dumps(result_record(result, inputs), indent=2, default=_json_default), encoding="utf-8")
-        if out_dir.exists():
-            retired = out_dir.with_name(f".{out_dir.name}.replaced-{time.time_ns()}")
-            out_dir.rename(retired)
-            staging.rename(out_dir)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with atomic_path(out_dir, folder=True) as staging:
+        sitk.WriteImage(sitk.Cast(result.labels, sitk.sitkUInt16), str(staging / LABELS_NAME), True)
+        write_seg_nrrd(result.labels, staging / SEGMENTATION_NAME)
+        write_lesions_csv(staging / LESIONS_NAME, result.lesions)
+        (staging / BURDEN_NAME).write_text(json.dumps(result_record(result, inputs), indent=2, default=_json_default), encoding="utf-8")
     logger.info("Wrote %s", out_dir)
     return out_dir
 

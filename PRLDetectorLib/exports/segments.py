@@ -89,10 +89,10 @@ def read_mask(path: str | Path, reference: sitk.Image) -> np.ndarray:
     if path.name.endswith(".seg.nrrd"):
         image = _read_seg_nrrd_as_labels(path)
     else:
-        from PRLDetectorLib.images import read_image
+        from PRLDetectorLib.detection.images import read_image
 
         image = sitk.Cast(sitk.Round(read_image(path, "mask")), sitk.sitkUInt16)
-    from PRLDetectorLib.images import same_grid
+    from PRLDetectorLib.detection.images import same_grid
 
     if not same_grid(image, reference):
         image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)

@@ -29,13 +29,19 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from PRLDetectorLib import mrml_bridge as bridge
-from PRLDetectorLib.burden import Burden
+from PRLDetectorLib.detection.burden import Burden
+from PRLDetectorLib.detection.features import format_cell, measure_lesions, read_lesions_csv
+from PRLDetectorLib.detection.lesions import find_lesions
+from PRLDetectorLib.detection.models import (
+    ModelInfo,
+    bundled_models,
+    check_channels,
+    install_model,
+    resolve_model,
+)
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import measure_lesions, read_lesions_csv
-from PRLDetectorLib.lesions import find_lesions
-from PRLDetectorLib.models import ModelInfo, bundled_models, check_channels, install_model, resolve_model
-from PRLDetectorLib.process import (
+from PRLDetectorLib.mrml import bridge
+from PRLDetectorLib.mrml.process import (
     EXIT_INPUT_ERROR,
     ChildProcess,
     Event,
@@ -44,19 +50,26 @@ from PRLDetectorLib.process import (
     Progress,
     python_module_command,
 )
+from PRLDetectorLib.results import (
+    BURDEN_NAME,
+    EXPORT_FILES,
+    LABELS_NAME,
+    LESIONS_NAME,
+    SEGMENTATION_NAME,
+    atomic_path,
+)
 from PRLDetectorLib.settings import DetectionSettings
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[float, str], None]
 
-LIBRARY_PARENT = Path(__file__).resolve().parent.parent
+LIBRARY_PARENT = Path(__file__).resolve().parents[2]
 """The folder that holds ``PRLDetectorLib``: the child process imports the library from here."""
 
 PROBABILITY_REFERENCE_ROLE = "PRLDetector.Probability"
 SETTINGS_ATTRIBUTE = "PRLDetector.Settings"
 MODEL_ATTRIBUTE = "PRLDetector.Model"
-EXPORT_FILES = ("lesions.csv", "burden.json", "prl.seg.nrrd", "prl_labels.nii.gz")
 CLI_ERROR_PREFIX = "prl-detect: error: "
 
 
@@ -186,10 +199,10 @@ class DetectionRun:
     def load(self) -> LesionReview:
         """Add the result to the scene: a new segmentation node and lesion table (never replacing one)."""
         self.raise_for_failure()
-        labels = sitk.ReadImage(str(self.out_dir / "prl_labels.nii.gz"))
-        rows = read_lesions_csv(self.out_dir / "lesions.csv")
+        labels = sitk.ReadImage(str(self.out_dir / LABELS_NAME))
+        rows = read_lesions_csv(self.out_dir / LESIONS_NAME)
         review = self.logic.show_detection(self.qsm_node, sitk.GetArrayFromImage(labels), rows)
-        record = json.loads((self.out_dir / "burden.json").read_text(encoding="utf-8"))
+        record = json.loads((self.out_dir / BURDEN_NAME).read_text(encoding="utf-8"))
         _annotate(review.segmentation_node, record.get("settings", self.settings.to_dict()), record.get("model", {}))
         return review
 
@@ -296,7 +309,7 @@ class SceneLogic:
         progress: ProgressCallback | None = None,
     ) -> LesionReview:
         """Detect PRLs in this process; the model stays loaded for the next case with the same settings."""
-        from PRLDetectorLib.pipeline import Detector
+        from PRLDetectorLib.detection.pipeline import Detector
 
         settings = settings or DetectionSettings()
         self._check_inputs(qsm_node, flair_node, settings)
@@ -448,7 +461,7 @@ class SceneLogic:
 
     def load_ground_truth(self, path: str | Path, qsm_node, connectivity: int = 26) -> LesionReview:
         """Read a label map or ``.seg.nrrd`` (any grid; resampled onto the QSM) and split it into lesions."""
-        from PRLDetectorLib.segments import read_mask
+        from PRLDetectorLib.exports.segments import read_mask
 
         if qsm_node is None:
             raise InputError("Select the QSM the ground truth belongs to first.")
@@ -468,8 +481,8 @@ class SceneLogic:
         case_id: str = "PRLPhantom",
     ) -> PhantomNodes:
         """Load a phantom case with known PRLs, generated on this computer the first time (nothing is downloaded)."""
-        from PRLDetectorLib.images import read_image
-        from PRLDetectorLib.phantom import generate_case, write_case
+        from PRLDetectorLib.detection.images import read_image
+        from PRLDetectorLib.phantom.phantom import generate_case, write_case
 
         case_dir = Path(folder) / case_id
         if not (case_dir / "truth.json").is_file():
@@ -504,14 +517,17 @@ class SceneLogic:
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = bridge.rows_from_table(review.table_node)
 
-        _write_rows_csv(paths["lesions.csv"], rows)
+        with atomic_path(paths[LESIONS_NAME]) as partial:
+            _write_rows_csv(partial, rows)
         kept = [s for s in bridge.lesion_segments(segmentation_node) if s.status != bridge.REJECTED]
         values = bridge.labels_from_segmentation(segmentation_node, qsm_node, [s.segment_id for s in kept])
         lookup = np.array([0] + [s.lesion_id for s in kept], dtype=np.uint16)
         label_image = sitk.GetImageFromArray(lookup[values])
         label_image.CopyInformation(bridge.geometry_image(qsm_node))
-        sitk.WriteImage(label_image, str(paths["prl_labels.nii.gz"]), True)
-        bridge.write_segmentation_file(segmentation_node, paths["prl.seg.nrrd"])
+        with atomic_path(paths[LABELS_NAME]) as partial:
+            sitk.WriteImage(label_image, str(partial), True)
+        with atomic_path(paths[SEGMENTATION_NAME]) as partial:
+            bridge.write_segmentation_file(segmentation_node, partial)
         record = {
             "burden": review.burden.to_dict(),
             "lesion_ids": [int(r["lesion_id"]) for r in rows if r[bridge.STATUS_COLUMN] != bridge.REJECTED],
@@ -523,13 +539,14 @@ class SceneLogic:
             "settings": _json_attribute(segmentation_node, SETTINGS_ATTRIBUTE),
             "model": _json_attribute(segmentation_node, MODEL_ATTRIBUTE),
         }
-        paths["burden.json"].write_text(json.dumps(record, indent=2), encoding="utf-8")
+        with atomic_path(paths[BURDEN_NAME]) as partial:
+            partial.write_text(json.dumps(record, indent=2), encoding="utf-8")
         logger.info("Exported the review of '%s' to %s", segmentation_node.GetName(), out_dir)
         return paths
 
     def add_training_case(self, segmentation_node, dataset_dir: str | Path, flair_node=None, case_id: str | None = None) -> str:
         """Add the QSM (+FLAIR) and the reviewed mask (rejected lesions left out) to an nnU-Net raw dataset."""
-        from PRLDetectorLib.dataset import add_case
+        from PRLDetectorLib.training.dataset import add_case
 
         qsm_node = self._reference(segmentation_node)
         kept = [s.segment_id for s in bridge.lesion_segments(segmentation_node) if s.status != bridge.REJECTED]
@@ -548,19 +565,13 @@ def _same_voxels(old: Mapping[str, object], new: Mapping[str, object]) -> bool:
     return all(abs(float(old.get(k, math.nan)) - float(new[k])) <= 1e-3 for k in centroid)
 
 
-def _format_cell(value: object) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(round(value, 6))
-    return str(value)
-
-
 def _write_rows_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
     """The lesions.csv layout (NaN as an empty cell) with the reader's status as the last column."""
     with path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=bridge.CSV_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({column: _format_cell(row.get(column, "")) for column in bridge.CSV_COLUMNS})
+            writer.writerow({column: format_cell(column, row.get(column, "")) for column in bridge.CSV_COLUMNS})
 
 
 def _json_attribute(node, name: str):

@@ -1,7 +1,7 @@
 """nnU-Net v2 raw datasets: phantom cohorts for training, and the annotator's corrected cases for retraining.
 
 Layout (nnU-Net's own): ``imagesTr/<case>_0000.nii.gz`` (QSM), ``imagesTr/<case>_0001.nii.gz`` (FLAIR, on
-the QSM grid and masked to the QSM brain, exactly as :mod:`PRLDetectorLib.pipeline` feeds it at inference),
+the QSM grid and masked to the QSM brain, exactly as :mod:`PRLDetectorLib.detection.pipeline` feeds it at inference),
 ``labelsTr/<case>.nii.gz`` (0 background, 1 PRL) and ``dataset.json``.
 """
 
@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from PRLDetectorLib.detection.images import read_image, validate_flair, validate_qsm
+from PRLDetectorLib.detection.models import CHANNEL_NAMES, channel_role
+from PRLDetectorLib.detection.registration import flair_channel
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.images import read_image, validate_flair, validate_qsm
-from PRLDetectorLib.registration import flair_channel
+from PRLDetectorLib.results import atomic_path
 
 logger = logging.getLogger(__name__)
 
-CHANNEL_NAMES = {"qsm": "QSM", "flair": "FLAIR"}
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -40,8 +41,7 @@ def _channels_of(dataset_dir: Path) -> tuple[str, ...] | None:
     if not path.is_file():
         return None
     names = json.loads(path.read_text(encoding="utf-8"))["channel_names"]
-    lookup = {v.lower(): k for k, v in CHANNEL_NAMES.items()}
-    return tuple(lookup[names[k].lower()] for k in sorted(names, key=int))
+    return tuple(channel_role(names[k]) for k in sorted(names, key=int))
 
 
 def model_inputs(qsm: sitk.Image, flair: sitk.Image | None) -> dict[str, sitk.Image]:
@@ -90,10 +90,14 @@ def add_case(
     label = sitk.GetImageFromArray((np.asarray(mask) > 0).astype(np.uint8))
     label.CopyInformation(inputs["qsm"])
     for index, channel in enumerate(channels):
-        sitk.WriteImage(inputs[channel], str(images_dir / f"{case_id}_{index:04d}.nii.gz"), True)
-    sitk.WriteImage(label, str(labels_dir / f"{case_id}.nii.gz"), True)
+        with atomic_path(images_dir / f"{case_id}_{index:04d}.nii.gz") as partial:
+            sitk.WriteImage(inputs[channel], str(partial), True)
+    # The label last: its presence means the case is in (the next case id is chosen by the labels).
+    with atomic_path(labels_dir / f"{case_id}.nii.gz") as partial:
+        sitk.WriteImage(label, str(partial), True)
     n_cases = len(list(labels_dir.glob("*.nii.gz")))
-    (dataset_dir / "dataset.json").write_text(json.dumps(dataset_json(channels, n_cases), indent=2), encoding="utf-8")
+    with atomic_path(dataset_dir / "dataset.json") as partial:
+        partial.write_text(json.dumps(dataset_json(channels, n_cases), indent=2), encoding="utf-8")
     logger.info("Added %s to %s (%d cases)", case_id, dataset_dir, n_cases)
     return case_id
 
@@ -103,7 +107,7 @@ def add_case_files(
     case_id: str | None = None,
 ) -> str:
     """:func:`add_case` from files; the mask may be a label map or a ``.seg.nrrd`` (any segment = PRL)."""
-    from PRLDetectorLib.segments import read_mask
+    from PRLDetectorLib.exports.segments import read_mask
 
     qsm = read_image(qsm_path, "QSM")
     flair = read_image(flair_path, "FLAIR") if flair_path else None

@@ -34,15 +34,16 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import stats
 
-from PRLDetectorLib.burden import POSITIVE_CUTOFFS
+from PRLDetectorLib.detection.burden import POSITIVE_CUTOFFS
 from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.results import LABELS_NAME, LESIONS_NAME
 
 logger = logging.getLogger(__name__)
 
 GT_MASK_NAME = "gt_prl.nii.gz"
 GT_INSTANCES_NAME = "gt_instances.nii.gz"
 GT_TRUTH_NAME = "truth.json"
-PRED_LABELS_NAME = "prl_labels.nii.gz"
+PRED_LABELS_NAME = LABELS_NAME
 PRL_CLASS = "prl"
 
 _Z95 = 1.959963984540054
@@ -463,7 +464,7 @@ def evaluate_case(
     """Match the predicted lesions of one case against its true PRLs.
 
     Both inputs are instance maps on the same grid (0 background, one id per lesion); a binary mask
-    counts as one lesion, so split it first (:func:`PRLDetectorLib.lesions.find_lesions`).
+    counts as one lesion, so split it first (:func:`PRLDetectorLib.detection.lesions.find_lesions`).
     """
     gt_labels, pred_labels = np.asarray(gt_labels), np.asarray(pred_labels)
     if gt_labels.shape != pred_labels.shape:
@@ -621,9 +622,9 @@ def _evaluate_case_folder(
 
 
 def _rimless_ids(case_id: str, pred_case: Path, min_rim_coverage: float) -> list[int]:
-    from PRLDetectorLib.features import read_lesions_csv, rim_covers
+    from PRLDetectorLib.detection.features import read_lesions_csv, rim_covers
 
-    table = pred_case / "lesions.csv"
+    table = pred_case / LESIONS_NAME
     if not table.is_file():
         raise InputError(f"Case '{case_id}' has no lesions.csv in {pred_case}, which the rim check needs; "
                          "evaluate a prl-detect result or leave out --min-rim-coverage.")

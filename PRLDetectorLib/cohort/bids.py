@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from PRLDetectorLib import __version__
+from PRLDetectorLib.detection.features import LESION_COLUMNS, format_cell, read_lesions_csv
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import LESION_COLUMNS, read_lesions_csv
+from PRLDetectorLib.results import LABELS_NAME, LESIONS_NAME, RESULT_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +220,6 @@ def write_derivatives(bids_dir: Path, out_dir: Path, scans: list[BidsScan]) -> P
 
     Each scan's result folder is ``out_dir/<entities>`` as the batch writes it. Returns the folder.
     """
-    from PRLDetectorLib.batch import RESULT_MARKER
-
     root = derivatives_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     model = None
@@ -250,15 +248,15 @@ def write_scan_derivatives(bids_dir: Path, root: Path, scan: BidsScan, result: P
     folder.mkdir(parents=True, exist_ok=True)
     stem = derivative_stem(scan)
     image = folder / f"{stem}.nii.gz"
-    shutil.copyfile(result / "prl_labels.nii.gz", image)
-    lesions = read_lesions_csv(result / "lesions.csv")
+    shutil.copyfile(result / LABELS_NAME, image)
+    lesions = read_lesions_csv(result / LESIONS_NAME)
     measured = [c for c in LESION_COLUMNS if c != "lesion_id"]
     header = [*LOOKUP_COLUMNS, *measured]
     lines = ["\t".join(header)]
     for row in lesions:
         lesion_id = int(row["lesion_id"])
         cells = [str(lesion_id), f"PRL {lesion_id}", f"PRL{lesion_id}", PRL_COLOR, str(BIDS_LESION_LABEL)]
-        cells += [_tsv_cell(row[column]) for column in measured]
+        cells += [format_cell(column, row[column], missing="n/a") for column in measured]
         lines.append("\t".join(cells))
     (folder / f"{stem}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -280,12 +278,6 @@ def write_scan_derivatives(bids_dir: Path, root: Path, scan: BidsScan, result: P
     }
     _write_json(folder / f"{stem}.json", sidecar)
     return image
-
-
-def _tsv_cell(value) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "n/a"
-    return str(value)
 
 
 def _write_json(path: Path, content: dict) -> None:

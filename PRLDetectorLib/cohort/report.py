@@ -31,8 +31,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from PRLDetectorLib import __version__
+from PRLDetectorLib.detection.features import read_lesions_csv
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import read_lesions_csv
+from PRLDetectorLib.results import LABELS_NAME, LESIONS_NAME, REPORT_NAME, RESULT_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class _Volumes:
 
 
 def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None) -> _Volumes:
-    from PRLDetectorLib.images import head_mask, read_image
+    from PRLDetectorLib.detection.images import head_mask, read_image
 
     inputs = record.get("inputs", {})
     if "qsm" not in inputs:
@@ -93,7 +94,7 @@ def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None
     # Outside the head a QSM map is 0 ppm, mid-grey in the window; shown black (NaN), as readers expect.
     shown = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayViewFromImage(qsm), np.float32(np.nan)))
     shown.CopyInformation(qsm)
-    labels = sitk.ReadImage(str(result_dir / "prl_labels.nii.gz"))
+    labels = sitk.ReadImage(str(result_dir / LABELS_NAME))
     if labels.GetSize() != qsm.GetSize():
         raise InputError(f"The labels in '{result_dir}' are not on the grid of their QSM; run detection again.")
     labels.CopyInformation(qsm)  # NIfTI rounds the header of a DICOM-read grid by ~1e-6 mm
@@ -102,7 +103,7 @@ def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None
     recorded = inputs.get("flair", {}).get("path")
     flair_path = flair_path or recorded
     if flair_path:
-        from PRLDetectorLib.registration import flair_as_recorded, flair_to_qsm_grid
+        from PRLDetectorLib.detection.registration import flair_as_recorded, flair_to_qsm_grid
 
         original = read_image(flair_path, "FLAIR")
         # The alignment detection made and recorded, so FLAIR and outlines agree; else the same alignment
@@ -297,7 +298,7 @@ def _cell(column: str, fmt: str, value) -> str:
 
 
 def _read_record(result_dir: Path) -> dict:
-    marker = Path(result_dir) / "burden.json"
+    marker = Path(result_dir) / RESULT_MARKER
     if not marker.is_file():
         raise InputError(f"'{result_dir}' holds no burden.json; give the output folder of detect or of one batch patient.")
     return json.loads(marker.read_text(encoding="utf-8"))
@@ -312,7 +313,7 @@ def case_report_html(result_dir: Path, case_id: str | None = None, flair: Path |
     result_dir = Path(result_dir)
     record = _read_record(result_dir)
     case_id = case_id or result_dir.name
-    lesions = read_lesions_csv(result_dir / "lesions.csv")
+    lesions = read_lesions_csv(result_dir / LESIONS_NAME)
     volumes = _load_volumes(result_dir, record, flair)
     burden = record["burden"]
     model = record.get("model", {})
@@ -364,7 +365,7 @@ def case_report_html(result_dir: Path, case_id: str | None = None, flair: Path |
 
 
 def write_case_report(result_dir: Path, out_path: Path | None = None) -> Path:
-    out_path = Path(out_path) if out_path else Path(result_dir) / "report.html"
+    out_path = Path(out_path) if out_path else Path(result_dir) / REPORT_NAME
     out_path.write_text(case_report_html(result_dir), encoding="utf-8")
     logger.info("Wrote %s", out_path)
     return out_path
@@ -493,7 +494,7 @@ def cohort_report_html(
                  "<th>≥ 1</th><th>≥ 4</th><th>report</th></tr>")
     for row in burden:
         case = row["case_id"]
-        link = f"<a href='{esc(case)}/report.html'>open</a>" if (out_dir / case / "report.html").is_file() else "–"
+        link = f"<a href='{esc(case)}/{REPORT_NAME}'>open</a>" if (out_dir / case / REPORT_NAME).is_file() else "–"
         parts.append(
             f"<tr><td>{esc(case)}</td><td>{row['prl_count']}</td><td>{float(row['total_volume_mm3']):.0f}</td>"
             f"<td>{'yes' if row['positive_ge1'] == 'True' else 'no'}</td>"
@@ -509,7 +510,7 @@ def cohort_report_html(
 
 
 def _ground_truth_section(out_dir: Path, gt_dir: Path) -> list[str]:
-    from PRLDetectorLib.evaluation import evaluate_folders
+    from PRLDetectorLib.cohort.evaluation import evaluate_folders
 
     evaluation = evaluate_folders(gt_dir, out_dir, skip_missing=True)
     pairs = [(c.case_id, c.gt_count, c.pred_count) for c in evaluation.cases]
@@ -523,7 +524,7 @@ def _ground_truth_section(out_dir: Path, gt_dir: Path) -> list[str]:
 def write_cohort_report(
     out_dir: Path, gt_dir: Path | None = None, association=None, association_png: Path | None = None
 ) -> Path:
-    out_path = Path(out_dir) / "report.html"
+    out_path = Path(out_dir) / REPORT_NAME
     out_path.write_text(cohort_report_html(out_dir, gt_dir, association, association_png), encoding="utf-8")
     logger.info("Wrote %s", out_path)
     return out_path

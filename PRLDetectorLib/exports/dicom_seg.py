@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from PRLDetectorLib import __version__
 from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.results import LABELS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -127,5 +128,5 @@ def _frames_of(labels: sitk.Image, values: np.ndarray, datasets: list, folder: P
 
 def write_result_dicom_seg(result_dir: Path, dicom_folder: Path, out_path: Path) -> Path:
     """The SEG of a result folder of ``detect`` (``prl_labels.nii.gz``) on the QSM series it came from."""
-    labels = sitk.ReadImage(str(Path(result_dir) / "prl_labels.nii.gz"))
+    labels = sitk.ReadImage(str(Path(result_dir) / LABELS_NAME))
     return write_dicom_seg(labels, dicom_folder, out_path)

@@ -1,6 +1,10 @@
 """``prl-detect``: the command line over the library.
 
 Exit codes: 0 done, 2 bad input or settings (one sentence on stderr, nothing written), 1 a bug.
+
+This module has the one-case commands (``detect``, ``phantom``, ``train``, ``export-model``,
+``export-dataset``, ``models``) and assembles the parser: every command module registers its own
+subcommands (:func:`register` here, :func:`PRLDetectorLib.cli.cohort.register` for the cohort ones).
 """
 
 from __future__ import annotations
@@ -14,41 +18,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from PRLDetectorLib import __version__
+from PRLDetectorLib.cli import cohort
+from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
 from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.progress import PROGRESS_PREFIX, progress_line
+from PRLDetectorLib.settings import DEVICES
 
 logger = logging.getLogger("PRLDetectorLib")
-
-PROGRESS_PREFIX = "PRLDETECTOR_PROGRESS"
-
-
-def _add_detection_options(parser: argparse.ArgumentParser) -> None:
-    from PRLDetectorLib.settings import CONNECTIVITIES, DEVICES, DetectionSettings
-
-    defaults = DetectionSettings()
-    parser.add_argument("--model", default=defaults.model,
-                        help="bundled model name (qsm, qsm_flair) or an nnU-Net v2 model folder (default: %(default)s)")
-    parser.add_argument("--device", choices=DEVICES, default=defaults.device,
-                        help="auto picks CUDA, then MPS, then CPU (default: %(default)s)")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=defaults.tta,
-                        help="test-time augmentation by mirroring, ~6x slower on CPU (default: off)")
-    parser.add_argument("--threshold", type=float, default=defaults.threshold,
-                        help="PRL probability threshold (default: %(default)s)")
-    parser.add_argument("--min-lesion-mm3", type=float, default=defaults.min_lesion_mm3,
-                        help="drop lesions smaller than this (default: %(default)s mm³)")
-    parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=defaults.connectivity,
-                        help="voxel connectivity that splits lesions (default: %(default)s)")
-    parser.add_argument("--min-rim-coverage", type=float, default=defaults.min_rim_coverage,
-                        help="rim check: drop lesions whose paramagnetic rim covers less than this share of their "
-                             "edge; 0.67 is the consensus PRL definition (default: %(default)s = off)")
-
-
-def _settings(args: argparse.Namespace):
-    from PRLDetectorLib.settings import DetectionSettings
-
-    return DetectionSettings(
-        model=args.model, device=args.device, tta=args.tta, threshold=args.threshold,
-        min_lesion_mm3=args.min_lesion_mm3, connectivity=args.connectivity, min_rim_coverage=args.min_rim_coverage,
-    )
 
 
 @contextmanager
@@ -59,7 +35,7 @@ def _progress_reporter(enabled_lines: bool, quiet: bool, description: str):
         stdout = sys.stdout
 
         def report(fraction: float, message: str) -> None:
-            print(f"{PROGRESS_PREFIX} {fraction:.3f} {message}", file=stdout, flush=True)
+            print(progress_line(fraction, message), file=stdout, flush=True)
 
         yield report
         return
@@ -75,11 +51,13 @@ def _progress_reporter(enabled_lines: bool, quiet: bool, description: str):
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.images import read_image
-    from PRLDetectorLib.pipeline import Detector, check_output_folder, write_result
-    from PRLDetectorLib.registration import check_overlap
+    from PRLDetectorLib.detection.images import read_image
+    from PRLDetectorLib.detection.pipeline import Detector, check_output_folder, write_result
+    from PRLDetectorLib.detection.registration import check_overlap
 
-    settings = _settings(args)
+    if args.dicom_seg and not Path(args.qsm).is_dir():
+        raise InputError("--dicom-seg needs the QSM as a DICOM series folder (--qsm DIR), so the SEG can refer to it.")
+    settings = settings_from_args(args)
     settings.validate()
     check_output_folder(args.out, args.overwrite)
     qsm = read_image(args.qsm, "QSM")
@@ -98,11 +76,20 @@ def cmd_detect(args: argparse.Namespace) -> int:
         f"PRL-positive (≥1): {'yes' if burden.positive_ge1 else 'no'}  (≥4): {'yes' if burden.positive_ge4 else 'no'}"
     )
     print(f"Results: {out}")
+    if args.dicom_seg:
+        from PRLDetectorLib.exports.dicom_seg import write_result_dicom_seg
+        from PRLDetectorLib.results import DICOM_SEG_NAME
+
+        print(f"DICOM SEG: {write_result_dicom_seg(out, Path(args.qsm), out / DICOM_SEG_NAME)}")
+    if args.report:
+        from PRLDetectorLib.cohort.report import write_case_report
+
+        print(f"Report: {write_case_report(out)}")
     return 0
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.phantom import generate_cohort
+    from PRLDetectorLib.phantom.phantom import generate_cohort
 
     if args.n < 1:
         raise InputError(f"--n {args.n} asks for no case; give 1 or more.")
@@ -118,7 +105,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.training import run_training_job
+    from PRLDetectorLib.training.training import run_training_job
 
     if args.epochs < 1 or args.iterations < 1 or args.save_every < 1:
         raise InputError("--epochs, --iterations and --save-every must be 1 or more.")
@@ -134,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export_model(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.training import export_trained_model
+    from PRLDetectorLib.training.training import export_trained_model
 
     model = export_trained_model(Path(args.work), args.dataset_id, Path(args.model_out), args.name, args.checkpoint,
                                  int(args.fold) if args.fold.isdigit() else args.fold, seed=args.seed)
@@ -143,7 +130,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 
 def cmd_export_dataset(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.dataset import add_case_files
+    from PRLDetectorLib.training.dataset import add_case_files
 
     case_id = add_case_files(Path(args.dataset), args.qsm, args.mask, args.flair, args.case_id)
     print(f"Added {case_id} to {args.dataset}")
@@ -151,7 +138,7 @@ def cmd_export_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.models import bundled_models
+    from PRLDetectorLib.detection.models import bundled_models
 
     models = bundled_models()
     if not models:
@@ -167,7 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(sub)
+    cohort.register(sub)
+    return parser
 
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``detect``, ``phantom``, ``train``, ``export-model``, ``export-dataset`` and ``models``."""
     detect = sub.add_parser("detect", help="find PRLs in one QSM (+FLAIR) case")
     detect.add_argument("--qsm", required=True, help="QSM in ppm: NIfTI, NRRD, MHA or a DICOM series folder")
     detect.add_argument("--flair", help="FLAIR (any grid overlapping the QSM); needs a QSM + FLAIR model")
@@ -175,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--overwrite", action="store_true", help="replace an existing result folder")
     detect.add_argument("--progress-lines", action="store_true",
                         help=f"print '{PROGRESS_PREFIX} <fraction> <message>' lines instead of a progress bar")
-    _add_detection_options(detect)
+    add_detection_options(detect)
+    detect.add_argument("--report", action="store_true", help="also write report.html with lesion pictures")
+    detect.add_argument("--dicom-seg", action="store_true",
+                        help="also write prl_seg.dcm, a DICOM SEG on the QSM series (--qsm must be a DICOM folder)")
     detect.set_defaults(func=cmd_detect)
 
     phantom = sub.add_parser("phantom", help="generate phantom patients with known PRLs")
@@ -188,12 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="crop the field of view to this box around the brain centre (small, fast cases)")
     phantom.add_argument("--vary-grid", action="store_true", help="draw each patient's grid from realistic ones")
     phantom.set_defaults(func=cmd_phantom)
-
-    evaluate = sub.add_parser("evaluate", help="lesion- and patient-level accuracy against ground truth")
-    evaluate.add_argument("--gt", required=True, help="ground-truth folder (phantom layout: <case>/gt_prl.nii.gz)")
-    evaluate.add_argument("--pred", required=True, help="prediction folder (<case>/prl_labels.nii.gz)")
-    evaluate.add_argument("--compare", help="a second prediction folder: McNemar's test on lesion detection")
-    evaluate.add_argument("--json", help="write all figures to this JSON file")
 
     train = sub.add_parser("train", help="train an nnU-Net v2 PRL model on case folders (phantoms or your own)")
     train.add_argument("--cases", required=True,
@@ -210,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-iterations", type=int, default=20, help="validation iterations per epoch")
     train.add_argument("--fold", default="0", help="nnU-Net fold (0-4, or 'all' to train on every case)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    train.add_argument("--device", choices=DEVICES, default="auto")
     train.add_argument("--resume", action="store_true",
                        help="go on with an interrupted run in --work from its last checkpoint, with the epochs and "
                             "iterations it was started with (give the same --dataset-id, --plan, --fold)")
@@ -238,12 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the bundled and installed models")
     models.set_defaults(func=cmd_models)
-
-    # batch, report, associate; --report/--dicom-seg on detect; the evaluate handler (issue #5).
-    from PRLDetectorLib import cohort_cli
-
-    cohort_cli.register(sub)
-    return parser
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:

@@ -2,7 +2,7 @@
 
 Input: a folder with one subfolder per patient holding ``qsm.nii.gz`` (or any readable QSM named
 ``qsm.*``, or a DICOM series folder ``qsm/``) and, for a QSM + FLAIR model, ``flair.*``; or a BIDS dataset
-(see :mod:`PRLDetectorLib.bids`). Output: per patient the files of ``detect`` (plus, on request, an HTML
+(see :mod:`PRLDetectorLib.cohort.bids`). Output: per patient the files of ``detect`` (plus, on request, an HTML
 report and a DICOM SEG); for the cohort ``burden.csv`` (one row per patient), ``lesions.csv`` (one row per
 lesion) and ``failures.csv``; for BIDS input also ``derivatives/prldetector/``.
 
@@ -20,39 +20,29 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from PRLDetectorLib.detection.features import LESION_COLUMNS, format_cell, read_lesions_csv
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.features import LESION_COLUMNS, read_lesions_csv
+from PRLDetectorLib.results import DICOM_SEG_NAME, LESIONS_NAME, REPORT_NAME, RESULT_MARKER, atomic_path
 from PRLDetectorLib.settings import DetectionSettings
 
 if TYPE_CHECKING:
-    from PRLDetectorLib.pipeline import Detector
+    from PRLDetectorLib.detection.pipeline import Detector
 
 logger = logging.getLogger(__name__)
 
 IMAGE_PATTERNS = ("{}.nii.gz", "{}.nii", "{}.nrrd", "{}.mha", "{}")
-RESULT_MARKER = "burden.json"
-"""The file ``write_result`` writes last-but-atomically: its presence means the patient is finished. It is
-``pipeline.RESULT_MARKER``, spelled out so that this module (imported by every Dask worker, also by those
-that only make reports) does not import torch; a test keeps the two equal."""
-REPORT_NAME = "report.html"
-DICOM_SEG_NAME = "prl_seg.dcm"
 BURDEN_COLUMNS = ("case_id", "prl_count", "total_volume_mm3", "mean_volume_mm3", "positive_ge1", "positive_ge4", "model")
 BIDS_COLUMNS = ("participant_id", "session_id")
 """Appended to ``burden.csv`` when the patients came from a BIDS dataset, to join with participants.tsv."""
 
 OnCase = Callable[[str, str], None]
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -128,7 +118,7 @@ def find_cases(cases_dir: Path) -> list[Case]:
 
 
 def cases_from_bids(bids_dir: Path) -> list[Case]:
-    from PRLDetectorLib.bids import find_bids_scans
+    from PRLDetectorLib.cohort.bids import find_bids_scans
 
     return [Case(scan.entities, scan.qsm, scan.flair) for scan in find_bids_scans(Path(bids_dir))]
 
@@ -144,7 +134,7 @@ def worker_detector(settings: DetectionSettings) -> Detector:
     A Dask worker process runs many patients; this is what makes it load the model once. Only the latest
     settings are kept, so a worker never holds two models.
     """
-    from PRLDetectorLib.pipeline import Detector
+    from PRLDetectorLib.detection.pipeline import Detector
 
     key = json.dumps(settings.to_dict(), sort_keys=True)
     if key not in _WORKER_DETECTORS:
@@ -176,8 +166,8 @@ def process_case(
     already = (target / RESULT_MARKER).is_file()
     try:
         if not already:
-            from PRLDetectorLib.images import read_image
-            from PRLDetectorLib.pipeline import write_result
+            from PRLDetectorLib.detection.images import read_image
+            from PRLDetectorLib.detection.pipeline import write_result
 
             qsm = read_image(case.qsm, "QSM")  # an unreadable scan fails before a worker loads the model
             detector = detector or worker_detector(settings)
@@ -209,30 +199,16 @@ def _failed(case_id: str, error: Exception, context: str = "") -> CaseOutcome:
 def write_exports(case: Case, target: Path, exports: CaseExports) -> None:
     """Make the requested exports of a finished patient that are not there yet."""
     if exports.dicom_seg and case.qsm.is_dir() and not (target / DICOM_SEG_NAME).is_file():
-        from PRLDetectorLib.dicom_seg import write_result_dicom_seg
+        from PRLDetectorLib.exports.dicom_seg import write_result_dicom_seg
 
-        with _atomic_path(target / DICOM_SEG_NAME) as partial:
+        with atomic_path(target / DICOM_SEG_NAME) as partial:
             write_result_dicom_seg(target, case.qsm, partial)
     if exports.report and not (target / REPORT_NAME).is_file():
-        from PRLDetectorLib.report import case_report_html
+        from PRLDetectorLib.cohort.report import case_report_html
 
         html = case_report_html(target, case_id=case.case_id, flair=case.flair)
-        with _atomic_path(target / REPORT_NAME) as partial:
+        with atomic_path(target / REPORT_NAME) as partial:
             partial.write_text(html, encoding="utf-8")
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path`` that replaces it only when the block succeeds."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    os.close(handle)
-    partial = Path(name)
-    try:
-        yield partial
-        os.chmod(partial, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions a plain open() would
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 # --- many patients -----------------------------------------------------------------------------------------
@@ -256,7 +232,7 @@ def run_bids_batch(
     scheduler: str | None = None,
 ) -> BatchReport:
     """Run every QSM scan of a BIDS dataset, then write ``out_dir/derivatives/prldetector``."""
-    from PRLDetectorLib.bids import find_bids_scans, write_derivatives
+    from PRLDetectorLib.cohort.bids import find_bids_scans, write_derivatives
 
     scans = find_bids_scans(Path(bids_dir))
     cases = [Case(scan.entities, scan.qsm, scan.flair) for scan in scans]
@@ -304,7 +280,7 @@ def run_cases(
         else:
             pending.append(case)
     if any(not (out_dir / case.case_id / RESULT_MARKER).is_file() for case in pending):
-        from PRLDetectorLib.models import resolve_model
+        from PRLDetectorLib.detection.models import resolve_model
 
         resolve_model(settings.model)  # a bad model fails the batch here, not every patient on the workers
     if report.skipped:
@@ -335,7 +311,7 @@ def run_cases(
     report.wall_s = time.perf_counter() - started
     write_cohort_tables(out_dir, report)
     if exports.report:
-        from PRLDetectorLib.report import write_cohort_report
+        from PRLDetectorLib.cohort.report import write_cohort_report
 
         write_cohort_report(out_dir)
     logger.info(
@@ -352,7 +328,7 @@ def _run_here(
     detector: Detector | None = None
     for case in pending:
         if detector is None and not (out_dir / case.case_id / RESULT_MARKER).is_file():
-            from PRLDetectorLib.pipeline import Detector
+            from PRLDetectorLib.detection.pipeline import Detector
 
             detector = Detector(settings)
         record(process_case(case, out_dir, settings, exports, detector))
@@ -429,12 +405,12 @@ def write_cohort_tables(out_dir: Path, report: BatchReport) -> None:
 
     Patients named by BIDS entities (``sub-01_ses-1``) get ``participant_id`` and ``session_id`` columns.
     """
-    from PRLDetectorLib.bids import split_entities
+    from PRLDetectorLib.cohort.bids import split_entities
 
     patients = sorted(p for p in out_dir.iterdir() if (p / RESULT_MARKER).is_file())
     bids = bool(patients) and all(p.name.startswith("sub-") for p in patients)
     columns = [*BURDEN_COLUMNS, *(BIDS_COLUMNS if bids else ())]
-    with _atomic_path(out_dir / "burden.csv") as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(out_dir / "burden.csv") as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for patient in patients:
@@ -444,18 +420,13 @@ def write_cohort_tables(out_dir: Path, report: BatchReport) -> None:
                 entities = split_entities(patient.name)
                 row.update(participant_id=entities["sub"], session_id=entities.get("ses", ""))
             writer.writerow(row)
-    with _atomic_path(out_dir / "lesions.csv") as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(out_dir / "lesions.csv") as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["case_id", *LESION_COLUMNS])
         writer.writeheader()
         for patient in patients:
-            for row in read_lesions_csv(patient / "lesions.csv"):
-                writer.writerow({"case_id": patient.name, **{k: _csv_cell(row[k]) for k in LESION_COLUMNS}})
-    with _atomic_path(out_dir / "failures.csv") as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
+            for row in read_lesions_csv(patient / LESIONS_NAME):
+                writer.writerow({"case_id": patient.name, **{k: format_cell(k, row[k]) for k in LESION_COLUMNS}})
+    with atomic_path(out_dir / "failures.csv") as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["case_id", "reason"])
         writer.writerows(sorted(report.failed.items()))
-
-
-def _csv_cell(value):
-    """NaN as an empty cell, the way each patient's lesions.csv has it."""
-    return "" if isinstance(value, float) and math.isnan(value) else value

@@ -1,7 +1,7 @@
-"""The cohort commands of ``prl-detect``: ``batch``, ``report`` and ``associate``.
+"""The cohort commands of ``prl-detect``: ``evaluate``, ``batch``, ``report`` and ``associate``.
 
-:func:`register` adds them to the CLI's subparsers and gives ``detect`` the ``--report`` and
-``--dicom-seg`` options. Errors are :class:`InputError` sentences; the CLI exits 2 on them.
+:func:`register` adds them to the CLI's subparsers. Errors are :class:`InputError` sentences; the CLI
+exits 2 on them.
 """
 
 from __future__ import annotations
@@ -12,18 +12,29 @@ import logging
 import sys
 from pathlib import Path
 
+from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
 from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.results import REPORT_NAME, RESULT_MARKER
 
 logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``batch``, ``report`` and ``associate``; extend ``detect`` and ``evaluate`` if they are there.
+    """Add ``evaluate``, ``batch``, ``report`` and ``associate``.
 
-    ``detect`` gains ``--report`` and ``--dicom-seg``; ``evaluate`` gains ``--min-overlap-voxels`` and is
-    run by :func:`cmd_evaluate`, which with ``--compare`` prints all of the paper's tests.
+    ``evaluate`` is run by :func:`cmd_evaluate`, which with ``--compare`` prints all of the paper's tests.
     """
-    from PRLDetectorLib.cli import _add_detection_options
+    evaluate = subparsers.add_parser("evaluate", help="lesion- and patient-level accuracy against ground truth")
+    evaluate.add_argument("--gt", required=True, help="ground-truth folder (phantom layout: <case>/gt_prl.nii.gz)")
+    evaluate.add_argument("--pred", required=True, help="prediction folder (<case>/prl_labels.nii.gz)")
+    evaluate.add_argument("--compare", help="a second prediction folder: McNemar's test on lesion detection")
+    evaluate.add_argument("--json", help="write all figures to this JSON file")
+    evaluate.add_argument("--min-overlap-voxels", type=int, default=1,
+                          help="voxels a predicted lesion must share with a true PRL to hit it (default: 1)")
+    evaluate.add_argument("--min-rim-coverage", type=float, default=0.0,
+                          help="score only the predicted lesions `detect --min-rim-coverage` would keep (from "
+                               "lesions.csv, no new detection; default: 0 = all)")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     batch = subparsers.add_parser(
         "batch", help="run many patients through one loaded model (resumable; BIDS; Dask scale-out)",
@@ -45,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.add_argument("--gt", help="ground-truth folder (<case>/gt_prl.nii.gz): the cohort report compares with it")
     batch.add_argument("--dicom-seg", action="store_true",
                        help="write prl_seg.dcm (DICOM SEG) for patients whose QSM is a DICOM series folder")
-    _add_detection_options(batch)
+    add_detection_options(batch)
     batch.set_defaults(func=cmd_batch)
 
     report = subparsers.add_parser(
@@ -66,21 +77,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     associate.add_argument("--json", help="write all figures to this JSON file")
     associate.set_defaults(func=cmd_associate)
 
-    evaluate = subparsers.choices.get("evaluate")
-    if evaluate is not None:
-        evaluate.add_argument("--min-overlap-voxels", type=int, default=1,
-                              help="voxels a predicted lesion must share with a true PRL to hit it (default: 1)")
-        evaluate.add_argument("--min-rim-coverage", type=float, default=0.0,
-                              help="score only the predicted lesions `detect --min-rim-coverage` would keep (from "
-                                   "lesions.csv, no new detection; default: 0 = all)")
-        evaluate.set_defaults(func=cmd_evaluate)
-
-    detect = subparsers.choices.get("detect")
-    if detect is not None:
-        detect.add_argument("--report", action="store_true", help="also write report.html with lesion pictures")
-        detect.add_argument("--dicom-seg", action="store_true",
-                            help="also write prl_seg.dcm, a DICOM SEG on the QSM series (--qsm must be a DICOM folder)")
-        detect.set_defaults(func=_with_detect_exports(detect.get_default("func")))
 
 
 def _add_association_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -91,27 +87,8 @@ def _add_association_options(parser: argparse.ArgumentParser, required: bool) ->
     parser.add_argument("--id-column", help="column to join on (default: case_id, else participant_id)")
 
 
-def _with_detect_exports(detect_func):
-    def cmd_detect_with_exports(args: argparse.Namespace) -> int:
-        if args.dicom_seg and not Path(args.qsm).is_dir():
-            raise InputError("--dicom-seg needs the QSM as a DICOM series folder (--qsm DIR), so the SEG can refer to it.")
-        code = detect_func(args)
-        if code == 0 and args.dicom_seg:
-            from PRLDetectorLib.batch import DICOM_SEG_NAME
-            from PRLDetectorLib.dicom_seg import write_result_dicom_seg
-
-            print(f"DICOM SEG: {write_result_dicom_seg(Path(args.out), Path(args.qsm), Path(args.out) / DICOM_SEG_NAME)}")
-        if code == 0 and args.report:
-            from PRLDetectorLib.report import write_case_report
-
-            print(f"Report: {write_case_report(Path(args.out))}")
-        return code
-
-    return cmd_detect_with_exports
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.evaluation import compare_evaluations, evaluate_folders
+    from PRLDetectorLib.cohort.evaluation import compare_evaluations, evaluate_folders
 
     options = {"min_overlap_voxels": args.min_overlap_voxels, "min_rim_coverage": args.min_rim_coverage}
     evaluation = evaluate_folders(Path(args.gt), Path(args.pred), **options)
@@ -136,10 +113,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.batch import CaseExports, check_scale_out, run_batch, run_bids_batch
-    from PRLDetectorLib.cli import _settings
+    from PRLDetectorLib.cohort.batch import CaseExports, check_scale_out, run_batch, run_bids_batch
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     settings.validate()
     check_scale_out(args.workers, args.scheduler)
     if args.gt and not args.report:
@@ -156,7 +132,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     if args.report and args.gt:
-        from PRLDetectorLib.report import write_cohort_report
+        from PRLDetectorLib.cohort.report import write_cohort_report
 
         write_cohort_report(Path(args.out), gt_dir=Path(args.gt))
     print(f"Done {len(report.done)}, already done {len(report.skipped)}, failed {len(report.failed)} "
@@ -171,8 +147,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.batch import REPORT_NAME, RESULT_MARKER
-    from PRLDetectorLib.report import write_case_report, write_cohort_report
+    from PRLDetectorLib.cohort.report import write_case_report, write_cohort_report
 
     results = Path(args.results)
     if (results / RESULT_MARKER).is_file():
@@ -186,7 +161,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise InputError("Give --clinical and --outcome together to add the association to the report.")
     association = data = None
     if args.clinical:  # before the patient pages, so that a bad table fails at once
-        from PRLDetectorLib.association import associate
+        from PRLDetectorLib.cohort.association import associate
 
         association, data = associate(results / "burden.csv", Path(args.clinical), args.outcome, args.covariates,
                                       args.id_column)
@@ -198,7 +173,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             write_case_report(patient)
     plot = None
     if association is not None:
-        from PRLDetectorLib.association import plot_association
+        from PRLDetectorLib.cohort.association import plot_association
 
         plot = plot_association(association, data, results / f"association_{_safe(args.outcome)}.png")
     out = write_cohort_report(results, Path(args.gt) if args.gt else None, association, plot)
@@ -207,7 +182,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_associate(args: argparse.Namespace) -> int:
-    from PRLDetectorLib.association import associate, plot_association
+    from PRLDetectorLib.cohort.association import associate, plot_association
 
     association, data = associate(Path(args.burden), Path(args.clinical), args.outcome, args.covariates, args.id_column)
     print(association.format_table())

@@ -12,7 +12,6 @@ the ``prl-detect train`` process (never inside Slicer), which sets them for itse
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.results import LABELS_NAME, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def dataset_name(dataset_id: int, name: str) -> str:
 def build_raw_dataset(cases_dir: Path, raw_dataset_dir: Path, with_flair: bool) -> int:
     """Turn case folders (``qsm.nii.gz`` [+ ``flair.nii.gz``] + ``gt_prl.nii.gz`` or ``prl_labels.nii.gz``
     or ``*.seg.nrrd``) into an nnU-Net raw dataset. Returns the number of cases."""
-    from PRLDetectorLib.dataset import add_case_files
+    from PRLDetectorLib.training.dataset import add_case_files
 
     cases = sorted(p for p in Path(cases_dir).iterdir() if p.is_dir() and (p / "qsm.nii.gz").is_file())
     if not cases:
@@ -71,7 +71,7 @@ def build_raw_dataset(cases_dir: Path, raw_dataset_dir: Path, with_flair: bool) 
     if raw_dataset_dir.exists():
         raise InputError(f"The raw dataset '{raw_dataset_dir}' exists already; remove it or use another dataset id.")
     for case in cases:
-        mask = next((case / n for n in ("gt_prl.nii.gz", "prl_labels.nii.gz") if (case / n).is_file()), None)
+        mask = next((case / n for n in ("gt_prl.nii.gz", LABELS_NAME) if (case / n).is_file()), None)
         mask = mask or next(iter(sorted(case.glob("*.seg.nrrd"))), None)
         if mask is None:
             raise InputError(f"The case '{case.name}' has no PRL mask (gt_prl.nii.gz, prl_labels.nii.gz or .seg.nrrd).")
@@ -142,7 +142,7 @@ def train(
     learning-rate schedule position and log from it and trains on to ``epochs`` (its ``--c``)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from PRLDetectorLib.inference import pick_device
+    from PRLDetectorLib.detection.inference import pick_device
 
     preprocessed = next(folders.preprocessed.glob(f"Dataset{dataset_id:03d}_*"))
     plans = json.loads((preprocessed / f"{plans_name}.json").read_text(encoding="utf-8"))
@@ -161,18 +161,12 @@ def train(
     return trainer
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_model(trainer_dir: Path, fold: int | str, destination: Path, card: dict, checkpoint: str = "checkpoint_final.pth") -> Path:
     """Write an inference-only nnU-Net model folder: no optimizer state, ``trainer_name`` = nnUNetTrainer
     (so nnU-Net finds the class without importing every trainer module), plus ``model.json``."""
     import torch
+
+    from PRLDetectorLib.detection.images import file_sha256
 
     if destination.exists():
         raise InputError(f"The model folder '{destination}' exists already; remove it or choose another.")
@@ -184,16 +178,14 @@ def export_model(trainer_dir: Path, fold: int | str, destination: Path, card: di
         "inference_allowed_mirroring_axes": source.get("inference_allowed_mirroring_axes"),
         "current_epoch": source.get("current_epoch"),
     }
-    staging = destination.with_name(f".{destination.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / f"fold_{fold}").mkdir(parents=True)
-    torch.save(stripped, staging / f"fold_{fold}" / "checkpoint_final.pth")
-    for name in ("dataset.json", "plans.json"):
-        shutil.copy2(trainer_dir / name, staging / name)
-    card = dict(card)
-    card["checkpoint_sha256"] = sha256_of(staging / f"fold_{fold}" / "checkpoint_final.pth")
-    (staging / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
-    staging.rename(destination)
+    with atomic_path(destination, folder=True) as staging:
+        (staging / f"fold_{fold}").mkdir(parents=True)
+        torch.save(stripped, staging / f"fold_{fold}" / "checkpoint_final.pth")
+        for name in ("dataset.json", "plans.json"):
+            shutil.copy2(trainer_dir / name, staging / name)
+        card = dict(card)
+        card["checkpoint_sha256"] = file_sha256(staging / f"fold_{fold}" / "checkpoint_final.pth")
+        (staging / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
     size_mb = sum(p.stat().st_size for p in destination.rglob("*") if p.is_file()) / 1e6
     logger.info("Exported %s (%.1f MB)", destination, size_mb)
     return destination

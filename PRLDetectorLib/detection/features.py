@@ -1,7 +1,7 @@
 """Per-lesion measurements: size, place, and the QSM rim a neuroradiologist judges a PRL by.
 
 One pass over the volume finds every lesion's voxel count, bounding box and centroid
-(:func:`PRLDetectorLib.lesions.lesion_extents`); everything else is measured inside each lesion's
+(:func:`PRLDetectorLib.detection.lesions.lesion_extents`); everything else is measured inside each lesion's
 bounding box, padded by the width of the surround shell, so the cost follows the lesions, not the scan.
 
 Zones of a lesion (distances are between voxel centres, in mm, with the voxel spacing taken into account):
@@ -39,8 +39,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from PRLDetectorLib.detection.lesions import LesionExtents, lesion_extents
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.lesions import LesionExtents, lesion_extents
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def write_lesions_csv(path: str | Path, lesions: Iterable[LesionFeatures]) -> No
         writer = csv.DictWriter(stream, fieldnames=LESION_COLUMNS)
         writer.writeheader()
         for lesion in lesions:
-            writer.writerow({column: _format_cell(column, value) for column, value in lesion.as_row().items()})
+            writer.writerow({column: format_cell(column, value) for column, value in lesion.as_row().items()})
 
 
 def read_lesions_csv(path: str | Path) -> list[dict[str, int | float | str]]:
@@ -363,11 +363,19 @@ def read_lesions_csv(path: str | Path) -> list[dict[str, int | float | str]]:
     return rows
 
 
-def _format_cell(column: str, value: int | float) -> str:
+def format_cell(column: str, value: int | float | str, missing: str = "") -> str:
+    """A lesion table cell as every writer of a lesion table spells it: ``lesions.csv`` of detect and of a
+    Slicer export, the batch's ``lesions.csv``, the BIDS dseg TSV (which says ``missing="n/a"`` for NaN).
+
+    Ids, voxel counts and bounding boxes are integers; millimetres keep 3 decimals, the rest 6. Text (a
+    column that is not a measurement, such as the reader's ``status``) is written as it is.
+    """
+    if isinstance(value, str):
+        return value
     if column in _INT_COLUMNS:
         return str(int(value))
     if math.isnan(value):
-        return ""
+        return missing
     # Micrometres and micro-ppm are below anything a scan resolves; shorter cells read better.
     decimals = 3 if column.endswith(("_mm", "_mm3")) else 6
     return repr(round(float(value), decimals))
