@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/prl_stage2}
+shift || true
 BIN=.venv/bin
 mkdir -p "$WORK"
 [ -d "$WORK/test" ] || $BIN/prl-detect phantom --out "$WORK/test" --n 40 --seed 7000 --flair \
