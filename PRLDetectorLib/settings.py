@@ -33,7 +33,8 @@ class DetectionSettings:
     on the calibrated PRL probability), or ``off`` for the network alone. A model without a classifier
     runs as ``off``."""
     min_lesion_mm3: float = 10.0
-    """Lesion instances smaller than this are dropped."""
+    """Lesion instances smaller than this are dropped (stage 1 alone; with stage 2 the classifier's candidate
+    minimum applies, since it judges each candidate on a patch around it, not by its outline's size)."""
     connectivity: int = 26
     """Voxel connectivity that splits the PRL mask into lesions (6, 18 or 26)."""
     min_rim_coverage: float = 0.0

@@ -227,7 +227,10 @@ class Detector:
         cutoff = classifier.cutoff(settings.operating_point)
         called = np.flatnonzero(chance >= cutoff) + 1
         kept = np.isin(candidates.labels, called)
-        labels = find_lesions(kept, qsm.GetSpacing(), settings.min_lesion_mm3, settings.connectivity)
+        # A called candidate stays a lesion whatever its outline's size: the classifier judged it on its patch,
+        # and a PRL whose stage-1 outline is a small piece of its rim is still a PRL (candidates are already
+        # at least the classifier's minimum size).
+        labels = find_lesions(kept, qsm.GetSpacing(), 0.0, settings.connectivity)
         stage2 = Stage2(settings.operating_point, cutoff, candidates, chance, spread,
                         _lesion_of_candidate(candidates.labels, labels), _classifier_record(classifier),
                         time.perf_counter() - started)
