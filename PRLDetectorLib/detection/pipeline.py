@@ -90,8 +90,9 @@ class Detector:
     def __init__(self, settings: DetectionSettings | None = None, extra_model_dirs: list[Path] | None = None):
         self.settings = settings or DetectionSettings()
         self.settings.validate()
-        self.model = resolve_model(self.settings.model, extra_model_dirs)
-        self.segmenter = Segmenter(self.model, device=self.settings.device, tta=self.settings.tta)
+        model = resolve_model(self.settings.model, extra_model_dirs)
+        self.segmenter = Segmenter(model, device=self.settings.device, tta=self.settings.tta)
+        self.model = self.segmenter.model  # with the sha256 of the checkpoints it loaded
 
     def check_inputs(self, with_flair: bool) -> None:
         """Fail before any work when the inputs do not match the model's channels."""
@@ -203,7 +204,7 @@ def result_record(result: DetectionResult, inputs: dict[str, str | Path] | None 
             "path": str(model.path),
             "channels": list(model.channels),
             "folds": list(model.folds),
-            "checkpoint_sha256": model.card.get("checkpoint_sha256"),
+            "checkpoint_sha256": model.checkpoint_sha256,
         },
         "settings": result.settings.to_dict(),
         "inputs": {
@@ -227,10 +228,11 @@ def result_record(result: DetectionResult, inputs: dict[str, str | Path] | None 
 def write_result(
     result: DetectionResult, out_dir: str | Path, inputs: dict[str, str | Path] | None = None, overwrite: bool = False
 ) -> Path:
-    """Write the result files into ``out_dir`` all at once: a failure leaves no half-written folder."""
+    """Write the result files into ``out_dir`` all at once: a failure leaves no half-written folder, and of two
+    runs writing the same ``out_dir`` without ``overwrite`` one wins and the other gets an InputError."""
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite)
-    with atomic_path(out_dir, folder=True) as staging:
+    with atomic_path(out_dir, folder=True, replace=overwrite) as staging:
         sitk.WriteImage(sitk.Cast(result.labels, sitk.sitkUInt16), str(staging / LABELS_NAME), True)
         write_seg_nrrd(result.labels, staging / SEGMENTATION_NAME)
         write_lesions_csv(staging / LESIONS_NAME, result.lesions)
