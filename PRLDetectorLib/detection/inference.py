@@ -188,7 +188,7 @@ class Segmenter:
             )
             try:
                 self.predictor.initialize_from_checkpoints(model, checkpoints)
-            except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            except (KeyError, RuntimeError, ValueError) as error:
                 raise InputError(
                     f"The model folder '{model.path}' could not be loaded by nnU-Net ({type(error).__name__}: "
                     f"{str(error)[:120]}); export the model again."
