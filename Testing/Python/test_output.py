@@ -40,19 +40,51 @@ def _detect(case: Path, out: Path, *options) -> list[str]:
     return _command("detect", "--qsm", case / "qsm.nii.gz", "--out", out, "--device", "cpu", *options)
 
 
+def _detect_at_the_same_moment(argv: list[str], barrier, answer) -> None:
+    """``prl-detect ARGV`` in this (child) process, held at the start of writing its result until the other
+    run gets there too: the moment where a check-then-write would let both through."""
+    import contextlib
+    import io
+
+    import PRLDetectorLib.detection.pipeline as pipeline
+    from PRLDetectorLib.cli.main import main
+
+    write_result = pipeline.write_result
+
+    def write_when_both_are_ready(*args, **kwargs):
+        barrier.wait(timeout=900)
+        return write_result(*args, **kwargs)
+
+    pipeline.write_result = write_when_both_are_ready
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    answer.send((code, stderr.getvalue()))
+
+
 def test_two_runs_with_the_same_out_give_one_whole_result_and_one_refusal(tiny_case, tmp_path):
+    import multiprocessing
+
     out = tmp_path / "out"
-    runs = {threshold: subprocess.Popen(_detect(tiny_case, out, "--threshold", threshold), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
-            for threshold in ("0.5", "0.6")}
-    finished = {threshold: (run.wait(timeout=900), run.stderr.read()) for threshold, run in runs.items()}
-    codes = sorted(code for code, _ in finished.values())
-    assert codes == [0, 2], finished
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    runs = {}
+    for threshold in ("0.5", "0.6"):
+        receive, send = context.Pipe(duplex=False)
+        argv = ["-q", "detect", "--qsm", str(tiny_case / "qsm.nii.gz"), "--out", str(out), "--device", "cpu",
+                "--threshold", threshold]
+        process = context.Process(target=_detect_at_the_same_moment, args=(argv, barrier, send))
+        process.start()
+        runs[threshold] = (process, receive)
+    finished = {threshold: receive.recv() for threshold, (_, receive) in runs.items()}
+    for process, _ in runs.values():
+        process.join(timeout=60)
+    assert sorted(code for code, _ in finished.values()) == [0, 2], finished
     winner = next(t for t, (code, _) in finished.items() if code == 0)
-    loser_error = next(err for code, err in finished.values() if code == 2)
-    assert "Traceback" not in loser_error
-    last = [line for line in loser_error.splitlines() if line.strip()][-1]
-    assert last.startswith("prl-detect: error: ") and ("another run" in last or "exists" in last), last
+    refusal = next(err for code, err in finished.values() if code == 2)
+    assert "Traceback" not in refusal
+    last = [line for line in refusal.splitlines() if line.strip()][-1]
+    assert last.startswith("prl-detect: error: ") and "was written by another run" in last, last
     assert sorted(p.name for p in out.iterdir()) == ["burden.json", "lesions.csv", "prl.seg.nrrd", "prl_labels.nii.gz"]
     record = json.loads((out / "burden.json").read_text(encoding="utf-8"))
     assert record["settings"]["threshold"] == float(winner)
