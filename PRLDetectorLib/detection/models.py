@@ -327,7 +327,7 @@ def install_model(
             root = staging / "copy"
             _copy_model_tree(source, root, max_bytes)
         info = validate_model_folder(root)
-        target_name = check_model_name(name or info.card.get("name") or source.name.split(".")[0])
+        target_name = check_model_name(str(name or info.card.get("name") or source.name.split(".")[0]))
         target = models_dir / target_name
         if target.exists() or target.is_symlink():
             if not overwrite:
