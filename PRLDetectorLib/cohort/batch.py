@@ -159,13 +159,18 @@ def case_finished(target: Path, case: Case, exports: CaseExports) -> bool:
 def result_differs(record: dict, model: ModelInfo, settings: DetectionSettings) -> str | None:
     """Why a patient's ``burden.json`` record was not made with ``model`` and ``settings``; None when it was.
 
-    The model counts by its checkpoints' sha256, not its name; the device does not count. A setting the
+    The model counts by its checkpoints' sha256 and its lesion classifier's, not its name; the device does
+    not count. A setting the
     record lacks (a result older than the setting) counts as its default.
     """
+    from PRLDetectorLib.detection.classifier import classifier_sha256
+
     made = record.get("model") or {}
     if made.get("checkpoint_sha256") != model.checkpoint_sha256:
         return f"model '{made.get('name', '?')}' ({str(made.get('checkpoint_sha256'))[:12]}), not '{model.name}' " \
                f"({str(model.checkpoint_sha256)[:12]})"
+    if made.get("classifier_sha256") != (current := classifier_sha256(model.path)):
+        return f"another lesion classifier ({str(made.get('classifier_sha256'))[:12]}, not {str(current)[:12]})"
     recorded = record.get("settings")
     if not isinstance(recorded, dict):
         return "no record of its settings"

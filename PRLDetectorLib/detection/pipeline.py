@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from PRLDetectorLib import __version__
 from PRLDetectorLib.detection.burden import Burden, compute_burden
 from PRLDetectorLib.detection.candidates import FEATURE_NAMES, CandidateSet, find_case_candidates
-from PRLDetectorLib.detection.classifier import LesionClassifier, model_classifier
+from PRLDetectorLib.detection.classifier import LesionClassifier, classifier_sha256, model_classifier
 from PRLDetectorLib.detection.features import (
     LesionFeatures,
     lesions_without_rim,
@@ -326,6 +326,7 @@ def result_record(result: DetectionResult, inputs: dict[str, str | Path] | None 
             "channels": list(model.channels),
             "folds": list(model.folds),
             "checkpoint_sha256": model.checkpoint_sha256,
+            "classifier_sha256": classifier_sha256(model.path),
         },
         "settings": result.settings.to_dict(),
         "inputs": {

@@ -161,3 +161,14 @@ def test_redo_detects_again_the_patients_made_with_other_settings(finished_cohor
         assert record["settings"]["threshold"] == 0.7 and record["model"]["name"] == "qsm"
     done = run_cli("batch", "--cases", cases, "--out", out, "--threshold", "0.7", "--device", "cpu")
     assert done.returncode == 0 and "Done 0, already done 2" in done.stdout
+
+
+def test_the_same_checkpoint_with_another_lesion_classifier_is_another_model(finished_cohort, tmp_path, bundled_model_dir):
+    cases, out = finished_cohort / "cases", tmp_path / "out"
+    shutil.copytree(finished_cohort / "out", out)
+    retrained = tmp_path / "retrained"  # what train-classifier makes: the same checkpoint, a new classifier
+    shutil.copytree(bundled_model_dir / "qsm", retrained, ignore=shutil.ignore_patterns("classifier"))
+    (retrained / "classifier").mkdir()
+    (retrained / "classifier" / "card.json").write_text('{"name": "retrained"}', encoding="utf-8")
+    with pytest.raises(InputError, match="another lesion classifier"):
+        run_batch(cases, out, DetectionSettings(model=str(retrained)), progress=False)
