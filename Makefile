@@ -10,11 +10,13 @@ DEMO_DIR ?= demo-output
 
 setup: $(STAMP)
 
-# torch first, pinned, so nnunetv2's dependency on torch does not pull a multi-GB CUDA build.
+# torch first, pinned, so nnunetv2's requirement is met by it. From PyPI on Linux that pin is the CUDA 13 build
+# (~2.7 GB with its NVIDIA wheels); TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the 192 MB CPU build.
+TORCH_INDEX_URL ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 

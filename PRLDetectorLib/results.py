@@ -12,6 +12,7 @@ This module imports nothing heavy: every Dask worker (also those that only make 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from PRLDetectorLib.errors import InputError
 
 LABELS_NAME = "prl_labels.nii.gz"
 """Lesion ids on the QSM grid (0 = background)."""
@@ -49,29 +52,36 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
-    """A temporary file (or, with ``folder``, folder) next to ``path`` that replaces ``path`` when the block succeeds.
+def atomic_path(path: str | Path, folder: bool = False, replace: bool | None = None) -> Iterator[Path]:
+    """A temporary file (or, with ``folder``, folder) next to ``path`` that becomes ``path`` when the block succeeds.
 
-    Write into the yielded path; on success it takes the place of ``path`` in one rename (an existing folder
-    is moved aside first and removed after), on any failure it is removed and ``path`` is untouched. The
-    temporary name keeps the file's extensions, so writers that choose a format by extension work.
+    Write into the yielded path; on success it takes the place of ``path`` in one rename, on any failure it
+    is removed and ``path`` is untouched. The temporary name keeps the file's extensions, so writers that
+    choose a format by extension work. Both get the permissions the umask gives a plain ``open``/``mkdir``.
+
+    ``replace``: whether an existing ``path`` may be replaced (an existing folder is moved aside first and
+    removed after). By default a file is replaced and a folder is not: a folder is created exclusively, so
+    of two runs writing the same folder one wins and the other gets an :class:`InputError`, and nothing is
+    replaced that the caller did not ask to replace.
     """
     path = Path(path)
+    replace = not folder if replace is None else replace
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.partial-"
     if folder:
         partial = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        os.chmod(partial, 0o777 & ~_UMASK)  # mkdtemp makes 0700, which other users of a shared server cannot open
     else:
         handle, name = tempfile.mkstemp(prefix=prefix, suffix="".join(path.suffixes), dir=path.parent)
         os.close(handle)
         partial = Path(name)
+        os.chmod(partial, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions a plain open() would
     try:
         yield partial
-        if folder:
-            _replace_folder(partial, path)
+        if replace:
+            _replace(partial, path, folder)
         else:
-            os.chmod(partial, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the permissions a plain open() would
-            os.replace(partial, path)
+            _create(partial, path)
     finally:
         if folder:
             shutil.rmtree(partial, ignore_errors=True)
@@ -79,11 +89,33 @@ def atomic_path(path: str | Path, folder: bool = False) -> Iterator[Path]:
             partial.unlink(missing_ok=True)
 
 
-def _replace_folder(staging: Path, path: Path) -> None:
-    if path.exists():
+def _replace(staging: Path, path: Path, folder: bool) -> None:
+    if folder and path.exists():
         retired = path.with_name(f".{path.name}.replaced-{time.time_ns()}")
         path.rename(retired)
         staging.rename(path)
         shutil.rmtree(retired)
     else:
-        staging.rename(path)
+        os.replace(staging, path)
+
+
+def _create(staging: Path, path: Path) -> None:
+    """Rename ``staging`` to ``path`` only if nothing is there (an empty folder holds nothing to lose)."""
+    appeared = InputError(
+        f"'{path}' was written by another run while this one worked (the same output twice?); it is left as it "
+        "is: give this run another output."
+    )
+    if staging.is_dir():
+        try:
+            # rename(2) onto a folder fails unless that folder is empty: the check and the move are one step.
+            os.rename(staging, path)
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise appeared from None
+            raise
+        return
+    try:
+        os.link(staging, path)  # fails if path exists: a file is created exclusively the same way
+    except FileExistsError:
+        raise appeared from None
+    staging.unlink()

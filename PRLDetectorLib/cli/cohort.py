@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
 from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.progress import count_progress
 from PRLDetectorLib.results import REPORT_NAME, RESULT_MARKER
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch = subparsers.add_parser(
         "batch", help="run many patients through one loaded model (resumable; BIDS; Dask scale-out)",
         description="Detect PRLs in every patient of a folder of patient folders or of a BIDS dataset. Finished "
-        "patients are not redone; a failing patient is recorded in failures.csv and the batch goes on.",
+        "patients are not redone (if made with the same model and settings: see --redo); a failing patient is "
+        "recorded in failures.csv and the batch goes on.",
     )
     source = batch.add_mutually_exclusive_group(required=True)
     source.add_argument("--cases", help="folder with one folder per patient: qsm.nii.gz (or a DICOM folder qsm/) "
@@ -47,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--bids", help="BIDS dataset: sub-*/[ses-*/]anat/*_Chimap.nii.gz [+ *_FLAIR.nii.gz]; also "
                         "writes OUT/derivatives/prldetector")
     batch.add_argument("--out", required=True, help="output folder; finished patients in it are not redone")
+    batch.add_argument("--redo", action="store_true",
+                       help="detect again the finished patients of --out made with another model or other settings, "
+                            "replacing their results (without it such a folder stops the batch)")
     scale = batch.add_mutually_exclusive_group()
     scale.add_argument("--workers", type=int, help="start a local Dask cluster of N single-threaded worker processes, "
                        "each with the model loaded once (about 1.3 GB of memory each for a whole-brain 1 mm scan)")
@@ -125,7 +130,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     try:
         report = run(
             Path(args.bids or args.cases), Path(args.out), settings, progress=not args.quiet, exports=exports,
-            workers=args.workers, scheduler=args.scheduler,
+            workers=args.workers, scheduler=args.scheduler, redo=args.redo,
         )
     except KeyboardInterrupt:
         print("prl-detect: interrupted; finished patients are kept. Run the same command again to resume.",
@@ -166,11 +171,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         association, data = associate(results / "burden.csv", Path(args.clinical), args.outcome, args.covariates,
                                       args.id_column)
     patients = sorted(p for p in results.iterdir() if (p / RESULT_MARKER).is_file())
-    from tqdm import tqdm
-
-    for patient in tqdm(patients, desc="Reports", unit="patient", disable=args.quiet):
-        if args.redo or not (patient / REPORT_NAME).is_file():
-            write_case_report(patient)
+    with count_progress(len(patients), "Reports", "patients", enabled=not args.quiet) as advance:
+        for patient in patients:
+            if args.redo or not (patient / REPORT_NAME).is_file():
+                write_case_report(patient)
+            advance(patient.name)
     plot = None
     if association is not None:
         from PRLDetectorLib.cohort.association import plot_association

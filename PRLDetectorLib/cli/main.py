@@ -21,15 +21,16 @@ from PRLDetectorLib import __version__
 from PRLDetectorLib.cli import classifier, cohort
 from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.progress import PROGRESS_PREFIX, progress_line
+from PRLDetectorLib.progress import LOGGER_NAME, PROGRESS_PREFIX, progress_line, step_progress
 from PRLDetectorLib.settings import DEVICES
 
-logger = logging.getLogger("PRLDetectorLib")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 @contextmanager
 def _progress_reporter(enabled_lines: bool, quiet: bool, description: str):
-    """Yield a progress callback: machine-readable lines for Slicer, or a tqdm bar for people."""
+    """Yield a progress callback: machine-readable lines for Slicer, or progress for people (a bar on a
+    terminal, one log line per step in a pipe or a log file)."""
     if enabled_lines:
         # Bound now: nnU-Net's print() output is redirected into the log while it runs, ours must not be.
         stdout = sys.stdout
@@ -39,14 +40,7 @@ def _progress_reporter(enabled_lines: bool, quiet: bool, description: str):
 
         yield report
         return
-    from tqdm import tqdm
-
-    with tqdm(total=100, desc=description, unit="%", disable=quiet, leave=False,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
-        def report(fraction: float, message: str) -> None:
-            bar.set_postfix_str(message, refresh=False)
-            bar.update(max(0, round(100 * fraction) - bar.n))  # tqdm throttles the redraws itself
-
+    with step_progress(description, enabled=not quiet) as report:
         yield report
 
 
@@ -105,13 +99,35 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def trained_model_name(name: str | None, model_out: str | Path) -> str:
+    """The name of a model ``train`` or ``export-model`` writes: ``--name``, else the ``--model-out`` folder's.
+
+    A name taken from the folder may not be a bundled model's (it would be shadowed by it, or shadow it); a
+    bundled name given on purpose (to rebuild a bundled model) is kept, with a warning.
+    """
+    from PRLDetectorLib.detection.models import BUNDLED_MODELS_DIR, check_model_name
+
+    if name is None:
+        name = Path(model_out).name
+        if (BUNDLED_MODELS_DIR / name).exists():
+            raise InputError(f"The model would be named '{name}' after --model-out, which is a bundled model's name; "
+                             "give it another with --name.")
+        return check_model_name(name)
+    check_model_name(name, bundled_ok=True)
+    if (BUNDLED_MODELS_DIR / name).exists():
+        logger.warning("'%s' is a bundled model's name: use this model by its folder path, or install it under "
+                       "another name.", name)
+    return name
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from PRLDetectorLib.training.training import run_training_job
 
     if args.epochs < 1 or args.iterations < 1 or args.save_every < 1:
         raise InputError("--epochs, --iterations and --save-every must be 1 or more.")
+    name = trained_model_name(args.name, args.model_out)
     model = run_training_job(
-        cases_dir=Path(args.cases), work_dir=Path(args.work), model_out=Path(args.model_out), name=args.name,
+        cases_dir=Path(args.cases), work_dir=Path(args.work), model_out=Path(args.model_out), name=name,
         with_flair=args.flair, dataset_id=args.dataset_id, small=args.plan == "small", epochs=args.epochs,
         iterations_per_epoch=args.iterations, val_iterations=args.val_iterations, seed=args.seed,
         device=args.device, fold=int(args.fold) if args.fold.isdigit() else args.fold, resume=args.resume,
@@ -124,7 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export_model(args: argparse.Namespace) -> int:
     from PRLDetectorLib.training.training import export_trained_model
 
-    model = export_trained_model(Path(args.work), args.dataset_id, Path(args.model_out), args.name, args.checkpoint,
+    name = trained_model_name(args.name, args.model_out)
+    model = export_trained_model(Path(args.work), args.dataset_id, Path(args.model_out), name, args.checkpoint,
                                  int(args.fold) if args.fold.isdigit() else args.fold, seed=args.seed)
     print(f"Model: {model}")
     return 0
@@ -202,7 +219,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="folder of case folders: qsm.nii.gz [+ flair.nii.gz] + gt_prl.nii.gz (or a .seg.nrrd)")
     train.add_argument("--model-out", required=True, help="model folder to write (must not exist)")
     train.add_argument("--work", required=True, help="nnU-Net raw/preprocessed/results folders go here")
-    train.add_argument("--name", default="qsm", help="model name (default: %(default)s)")
+    train.add_argument("--name", help="model name (default: the --model-out folder's name; not a bundled model's)")
     train.add_argument("--flair", action="store_true", help="train on QSM + FLAIR")
     train.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)")
     train.add_argument("--plan", choices=("small", "default"), default="small",
@@ -222,7 +239,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     export_model = sub.add_parser("export-model", help="export a trained (or still training) nnU-Net run as a model")
     export_model.add_argument("--work", required=True, help="the --work folder of `prl-detect train`")
     export_model.add_argument("--dataset-id", type=int, default=501)
-    export_model.add_argument("--name", default="qsm")
+    export_model.add_argument("--name", help="model name (default: the --model-out folder's name; not a bundled "
+                              "model's)")
     export_model.add_argument("--model-out", required=True, help="model folder to write (must not exist)")
     export_model.add_argument("--checkpoint", choices=("final", "latest", "best"), default="final",
                               help="nnU-Net checkpoint: final, latest (saved every 5 epochs) or best (EMA pseudo-Dice)")
@@ -246,7 +264,7 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    root = logging.getLogger("PRLDetectorLib")
+    root = logging.getLogger(LOGGER_NAME)
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False

@@ -6,8 +6,10 @@ Input: a folder with one subfolder per patient holding ``qsm.nii.gz`` (or any re
 report and a DICOM SEG); for the cohort ``burden.csv`` (one row per patient), ``lesions.csv`` (one row per
 lesion) and ``failures.csv``; for BIDS input also ``derivatives/prldetector/``.
 
-A patient whose result exists is not redone, so an interrupted batch resumes where it stopped; a patient
-that fails is recorded with its reason and the batch goes on.
+A patient whose result exists is not redone, so an interrupted batch resumes where it stopped, but only
+when that result was made with the same model (its checkpoints' sha256) and settings: otherwise the batch
+stops before any patient, unless ``redo`` replaces those results. A patient that fails is recorded with its
+reason and the batch goes on.
 
 The patients run in this process, one after the other through one loaded model, or as tasks on a Dask
 cluster (:func:`run_cases` with ``workers`` or ``scheduler``): every worker process keeps one model loaded
@@ -29,10 +31,12 @@ from typing import TYPE_CHECKING
 
 from PRLDetectorLib.detection.features import LESION_COLUMNS, format_cell, read_lesions_csv
 from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.progress import count_progress
 from PRLDetectorLib.results import DICOM_SEG_NAME, LESIONS_NAME, REPORT_NAME, RESULT_MARKER, atomic_path
 from PRLDetectorLib.settings import DetectionSettings
 
 if TYPE_CHECKING:
+    from PRLDetectorLib.detection.models import ModelInfo
     from PRLDetectorLib.detection.pipeline import Detector
 
 logger = logging.getLogger(__name__)
@@ -152,18 +156,64 @@ def case_finished(target: Path, case: Case, exports: CaseExports) -> bool:
     return not (exports.dicom_seg and case.qsm.is_dir() and not (target / DICOM_SEG_NAME).is_file())
 
 
+def result_differs(record: dict, model: ModelInfo, settings: DetectionSettings) -> str | None:
+    """Why a patient's ``burden.json`` record was not made with ``model`` and ``settings``; None when it was.
+
+    The model counts by its checkpoints' sha256 and its lesion classifier's, not its name; the device does
+    not count. A setting the
+    record lacks (a result older than the setting) counts as its default.
+    """
+    from PRLDetectorLib.detection.classifier import classifier_sha256
+
+    made = record.get("model") or {}
+    if made.get("checkpoint_sha256") != model.checkpoint_sha256:
+        return f"model '{made.get('name', '?')}' ({str(made.get('checkpoint_sha256'))[:12]}), not '{model.name}' " \
+               f"({str(model.checkpoint_sha256)[:12]})"
+    if made.get("classifier_sha256") != (current := classifier_sha256(model.path)):
+        return f"another lesion classifier ({str(made.get('classifier_sha256'))[:12]}, not {str(current)[:12]})"
+    recorded = record.get("settings")
+    if not isinstance(recorded, dict):
+        return "no record of its settings"
+    defaults = DetectionSettings().to_dict()
+    for key, value in settings.to_dict().items():
+        if key in ("model", "device"):
+            continue
+        before = recorded.get(key, defaults.get(key))
+        if before != value:
+            return f"{key} {before}, not {value}"
+    return None
+
+
+def stale_results(out_dir: Path, case_ids: list[str], settings: DetectionSettings) -> dict[str, str]:
+    """The finished patients of ``out_dir`` whose results were made with another model or other settings."""
+    from PRLDetectorLib.detection.models import fingerprint, resolve_model
+
+    model = fingerprint(resolve_model(settings.model))
+    stale = {}
+    for case_id in case_ids:
+        try:
+            record = json.loads((out_dir / case_id / RESULT_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        reason = result_differs(record, model, settings) if isinstance(record, dict) else "an unreadable record"
+        if reason:
+            stale[case_id] = reason
+    return stale
+
+
 def process_case(
     case: Case, out_dir: Path, settings: DetectionSettings, exports: CaseExports = CaseExports(),
-    detector: Detector | None = None,
+    detector: Detector | None = None, replace: bool = False,
 ) -> CaseOutcome:
     """Detect, write and export one patient; never raises: a failure comes back with its reason.
 
     Without ``detector`` the process's :func:`worker_detector` is used (loaded only if detection is needed).
-    A patient whose result exists is not detected again; only its missing exports are made.
+    A patient whose result exists is not detected again, only its missing exports are made; with ``replace``
+    it is detected again and its result folder replaced.
     """
     started = time.perf_counter()
     target = Path(out_dir) / case.case_id
-    already = (target / RESULT_MARKER).is_file()
+    already = (target / RESULT_MARKER).is_file() and not replace
     try:
         if not already:
             from PRLDetectorLib.detection.images import read_image
@@ -177,7 +227,7 @@ def process_case(
             flair = case.flair if use_flair else None
             result = detector.detect(qsm, read_image(flair, "FLAIR") if flair else None)
             inputs = {"qsm": case.qsm, **({"flair": flair} if flair else {})}
-            write_result(result, target, inputs)
+            write_result(result, target, inputs, overwrite=replace)
     except Exception as error:  # a batch of hundreds must not stop for one patient
         return _failed(case.case_id, error)
     try:
@@ -217,19 +267,19 @@ def write_exports(case: Case, target: Path, exports: CaseExports) -> None:
 def run_batch(
     cases_dir: Path, out_dir: Path, settings: DetectionSettings, progress: bool = True,
     on_case: OnCase | None = None, *, exports: CaseExports = CaseExports(), workers: int | None = None,
-    scheduler: str | None = None,
+    scheduler: str | None = None, redo: bool = False,
 ) -> BatchReport:
     """Run every patient folder of ``cases_dir`` (see :func:`run_cases` for the options)."""
     return run_cases(
         find_cases(Path(cases_dir)), out_dir, settings, progress=progress, on_case=on_case, exports=exports,
-        workers=workers, scheduler=scheduler,
+        workers=workers, scheduler=scheduler, redo=redo,
     )
 
 
 def run_bids_batch(
     bids_dir: Path, out_dir: Path, settings: DetectionSettings, progress: bool = True,
     on_case: OnCase | None = None, *, exports: CaseExports = CaseExports(), workers: int | None = None,
-    scheduler: str | None = None,
+    scheduler: str | None = None, redo: bool = False,
 ) -> BatchReport:
     """Run every QSM scan of a BIDS dataset, then write ``out_dir/derivatives/prldetector``."""
     from PRLDetectorLib.cohort.bids import find_bids_scans, write_derivatives
@@ -238,7 +288,7 @@ def run_bids_batch(
     cases = [Case(scan.entities, scan.qsm, scan.flair) for scan in scans]
     report = run_cases(
         cases, out_dir, settings, progress=progress, on_case=on_case, exports=exports, workers=workers,
-        scheduler=scheduler,
+        scheduler=scheduler, redo=redo,
     )
     write_derivatives(Path(bids_dir), Path(out_dir), scans)
     return report
@@ -254,13 +304,15 @@ def check_scale_out(workers: int | None, scheduler: str | None) -> None:
 def run_cases(
     cases: list[Case], out_dir: Path, settings: DetectionSettings, *, progress: bool = True,
     on_case: OnCase | None = None, exports: CaseExports = CaseExports(), workers: int | None = None,
-    scheduler: str | None = None,
+    scheduler: str | None = None, redo: bool = False,
 ) -> BatchReport:
     """Detect every patient not finished yet, record failures, and write the cohort tables.
 
     ``workers`` starts a Dask cluster of that many single-threaded worker processes on this machine;
     ``scheduler`` (an address such as ``tcp://10.0.0.5:8786``) uses a running cluster; neither runs the
     patients here, through one model. ``on_case(case_id, status)`` is called as each patient ends.
+    Finished patients made with another model or other settings stop the batch before any work, unless
+    ``redo``, which detects them again and replaces their results.
     """
     settings.validate()
     check_scale_out(workers, scheduler)
@@ -271,37 +323,45 @@ def run_cases(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport()
+    finished = [c.case_id for c in cases if (out_dir / c.case_id / RESULT_MARKER).is_file()]
+    stale = stale_results(out_dir, finished, settings) if finished else {}
+    if stale and not redo:
+        case_id, reason = next(iter(sorted(stale.items())))
+        raise InputError(
+            f"'{out_dir}' holds results of {len(stale)} patient(s) made with another model or other settings "
+            f"({case_id}: {reason}); add --redo to replace them, or give a new --out."
+        )
+    if stale:
+        logger.info("%d patient(s) made with another model or other settings are redone.", len(stale))
     pending = []
     for case in cases:
-        if case_finished(out_dir / case.case_id, case, exports):
+        if case.case_id not in stale and case_finished(out_dir / case.case_id, case, exports):
             report.add(CaseOutcome(case.case_id, "skipped"))
             if on_case:
                 on_case(case.case_id, "skipped")
         else:
             pending.append(case)
-    if any(not (out_dir / case.case_id / RESULT_MARKER).is_file() for case in pending):
-        from PRLDetectorLib.detection.models import resolve_model
+    if any(case.case_id in stale or not (out_dir / case.case_id / RESULT_MARKER).is_file() for case in pending):
+        from PRLDetectorLib.detection.models import load_checkpoints, resolve_model
 
-        resolve_model(settings.model)  # a bad model fails the batch here, not every patient on the workers
+        # A bad model (or a checkpoint that is more than weights) fails the batch here, not every patient.
+        load_checkpoints(resolve_model(settings.model))
     if report.skipped:
         logger.info("%d patient(s) finished before are not redone.", len(report.skipped))
 
-    from tqdm import tqdm
-
-    with tqdm(total=len(pending), desc="Patients", unit="patient", disable=not progress or not pending) as bar:
+    with count_progress(len(pending), "Patients", "patients", enabled=progress) as advance:
         def record(outcome: CaseOutcome) -> None:
             report.add(outcome)
-            bar.update(1)
-            if report.failed:
-                bar.set_postfix_str(f"{len(report.failed)} failed", refresh=False)
+            failed = f", {len(report.failed)} failed in all" if report.failed else ""
+            advance(f"{outcome.case_id} {outcome.status}{failed}")
             if on_case:
                 on_case(outcome.case_id, outcome.status)
 
         try:
             if workers is None and scheduler is None:
-                _run_here(pending, out_dir, settings, exports, record)
+                _run_here(pending, out_dir, settings, exports, record, set(stale))
             elif pending:
-                _run_on_dask(pending, out_dir, settings, exports, record, workers, scheduler)
+                _run_on_dask(pending, out_dir, settings, exports, record, workers, scheduler, set(stale))
         except KeyboardInterrupt:
             # Finished patients are complete folders: list them, so the tables match what is on disk.
             write_cohort_tables(out_dir, report)
@@ -323,15 +383,16 @@ def run_cases(
 
 def _run_here(
     pending: list[Case], out_dir: Path, settings: DetectionSettings, exports: CaseExports,
-    record: Callable[[CaseOutcome], None],
+    record: Callable[[CaseOutcome], None], redo: set[str] = frozenset(),
 ) -> None:
     detector: Detector | None = None
     for case in pending:
-        if detector is None and not (out_dir / case.case_id / RESULT_MARKER).is_file():
+        replace = case.case_id in redo
+        if detector is None and (replace or not (out_dir / case.case_id / RESULT_MARKER).is_file()):
             from PRLDetectorLib.detection.pipeline import Detector
 
             detector = Detector(settings)
-        record(process_case(case, out_dir, settings, exports, detector))
+        record(process_case(case, out_dir, settings, exports, detector, replace=replace))
 
 
 @contextmanager
@@ -378,13 +439,14 @@ def _client(workers: int | None, scheduler: str | None):
 def _run_on_dask(
     pending: list[Case], out_dir: Path, settings: DetectionSettings, exports: CaseExports,
     record: Callable[[CaseOutcome], None], workers: int | None, scheduler: str | None,
+    redo: set[str] = frozenset(),
 ) -> None:
     from distributed import as_completed
 
     with dask_client(workers, scheduler) as client:
         futures = {
-            client.submit(process_case, case, out_dir, settings, exports, key=f"prl-case-{case.case_id}-{time.time_ns()}",
-                          pure=False): case
+            client.submit(process_case, case, out_dir, settings, exports, replace=case.case_id in redo,
+                          key=f"prl-case-{case.case_id}-{time.time_ns()}", pure=False): case
             for case in pending
         }
         for future in as_completed(futures):

@@ -116,6 +116,16 @@ def load_classifier(folder: str | Path) -> LesionClassifier:
     return LesionClassifier(names, members, x, y, points, card)
 
 
+def classifier_sha256(model_path: str | Path) -> str | None:
+    """What identifies a model's classifier (every file of its folder), None when it has none: a retrained
+    classifier beside the same checkpoint makes another model (``burden.json`` records it; a batch resumes
+    only results made with the same one)."""
+    from PRLDetectorLib.detection.images import file_sha256
+
+    folder = Path(model_path) / CLASSIFIER_DIR
+    return file_sha256(folder) if folder.is_dir() else None
+
+
 def model_classifier(model_path: str | Path) -> LesionClassifier | None:
     """The classifier shipped in a model folder, or None when it has none."""
     folder = Path(model_path) / CLASSIFIER_DIR

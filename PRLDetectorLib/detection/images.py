@@ -11,7 +11,7 @@ import hashlib
 import logging
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,17 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 # QSM in ppm rarely exceeds ±1 inside the brain (veins, haemorrhage ~1 ppm); the same map in ppb is 1000x.
 PPB_ROBUST_LIMIT_PPM = 10.0
+# The same map as a dimensionless SI susceptibility is 1e-6 x ppm (|χ| ~ 1e-7); a ppm map this flat is no map.
+SI_ROBUST_LIMIT_PPM = 1e-3
+TAIL_QUANTILE = 99.9
+"""Bright and dark tails of the brain's histogram, at this percentile and its mirror, around the median."""
+FLIPPED_TAIL_RATIO = 0.67
+"""Paramagnetic veins, deep grey nuclei and bleeds make the bright tail the heavier (2-3.5x on phantoms): a
+bright tail below 0.67 of the dark one is a flipped sign; below 1, a doubt worth a warning."""
+NAN_BACKGROUND_SHARE = 0.5
+"""NaN is the background when it makes at least this share of the voxels just outside the head."""
+UNMASKED_SPREAD_RATIO = 3.0
+"""A map with no zero background whose outer shell varies this much more than its centre holds non-brain."""
 
 
 @dataclass(frozen=True)
@@ -33,9 +44,16 @@ class VolumeCheck:
     """What validation found and did, for the log and for ``burden.json``."""
 
     nonfinite_outside_head: int = 0
-    """NaN/Inf voxels outside the head, read as 0 (some QSM tools write NaN there)."""
+    """NaN voxels of the background outside the head, read as 0 (some QSM tools write NaN there)."""
     robust_max_abs: float = 0.0
     """99.5th percentile of |value| inside the head."""
+    background: str = "zero"
+    """What lies around the head: ``zero``, ``nan``, or ``none`` (the head fills the volume: a crop inside the
+    brain, or an unmasked map)."""
+    bright_dark_tail_ratio: float | None = None
+    """QSM: the brain histogram's bright tail over its dark tail (> 1 when paramagnetic is positive)."""
+    warnings: tuple[str, ...] = ()
+    """What was doubtful but not refused, each in one sentence (also logged as a warning)."""
 
 
 def read_image(path: str | Path, role: str = "image") -> sitk.Image:
@@ -189,41 +207,145 @@ def head_mask(values: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(support)
 
 
+def where(mask: np.ndarray, image: sitk.Image) -> str:
+    """Where the voxels of ``mask`` (z, y, x array order) are, for a message: a voxel among them near their
+    middle, as an index and in scanner coordinates, and the box they span."""
+    found = np.argwhere(mask)
+    middle = found[np.argmin(((found - found.mean(0)) ** 2).sum(1))]
+    index = [int(i) for i in middle[::-1]]
+    point = image.TransformIndexToPhysicalPoint(index)
+    low, high = found.min(0)[::-1], found.max(0)[::-1]
+    span = ", ".join(f"{a}-{b}" for a, b in zip(low, high, strict=True))
+    return (f"around voxel [{', '.join(map(str, index))}] (LPS {', '.join(f'{c:.1f}' for c in point)} mm), "
+            f"spanning voxels [{span}]")
+
+
+def _shell(inside: np.ndarray) -> np.ndarray:
+    """The voxels just outside the head (6-neighbours of it, within the volume)."""
+    return ndimage.binary_dilation(inside) & ~inside
+
+
 def clean_volume(image: sitk.Image, role: str) -> tuple[sitk.Image, VolumeCheck]:
-    """Check finite values and content; return the image with outside-head NaN/Inf set to 0."""
+    """Check finite values and content; return the image with its NaN background set to 0.
+
+    Inf is refused wherever it is. NaN is taken as background only where it clearly is: around the head when
+    it is what surrounds it (a QSM tool's NaN background), or away from the head (a frame); NaN inside the
+    head, or a NaN patch on the edge of a head otherwise surrounded by zeros, is a hole in the map and refused.
+    """
     values = sitk.GetArrayViewFromImage(image)
-    nonfinite = ~np.isfinite(values)
+    infinite = np.isinf(values)
+    if infinite.any():
+        raise InputError(
+            f"The {role} has {int(infinite.sum())} infinite voxel(s) {where(infinite, image)}; Inf is never a valid "
+            "value: fix the map where it was made (for QSM, the inversion or its mask) and try again."
+        )
+    nan = np.isnan(values)
     inside = head_mask(values)
-    n_nonfinite = int(nonfinite.sum())
-    if n_nonfinite:
-        bad_inside = int((nonfinite & inside).sum())
-        if bad_inside:
+    background = "zero"
+    if nan.any():
+        holes = nan & inside
+        if holes.any():
             raise InputError(
-                f"The {role} has {bad_inside} NaN or infinite voxels inside the head; fix the map "
+                f"The {role} has {int(holes.sum())} NaN voxel(s) inside the head {where(holes, image)}; fix the map "
                 "(for QSM, rerun the inversion or fill those voxels) and try again."
             )
-        logger.info("%s: %d NaN/Inf voxels outside the head read as 0.", role, n_nonfinite)
-        cleaned = np.where(nonfinite, np.float32(0), values).astype(np.float32)
+        shell = _shell(inside)
+        on_edge = nan & shell
+        if on_edge.any():
+            if on_edge.sum() < NAN_BACKGROUND_SHARE * shell.sum():
+                patch = nan & ~inside
+                labels, _ = ndimage.label(patch)
+                patch = np.isin(labels, np.unique(labels[on_edge]))
+                raise InputError(
+                    f"The {role} has {int(patch.sum())} NaN voxel(s) on the edge of the head {where(patch, image)}, "
+                    "where the rest of its background is 0: a hole in the map, not background; fix the map (for "
+                    "QSM, the mask or the inversion there) and try again."
+                )
+            background = "nan"
+        logger.info("%s: %d NaN voxels outside the head read as 0.", role, int(nan.sum()))
+        cleaned = np.where(nan, np.float32(0), values).astype(np.float32)
         out = sitk.GetImageFromArray(cleaned)
         out.CopyInformation(image)
         image, values = out, cleaned
     if not inside.any():
         raise InputError(f"The {role} is all zero; check that the right file was exported.")
+    if background == "zero" and inside.mean() > 0.99:
+        background = "none"
     robust = float(np.percentile(np.abs(values[inside]), 99.5))
     if robust == 0.0:
         raise InputError(f"The {role} is zero almost everywhere inside the head; check the export.")
-    return image, VolumeCheck(nonfinite_outside_head=n_nonfinite, robust_max_abs=robust)
+    return image, VolumeCheck(nonfinite_outside_head=int(nan.sum()), robust_max_abs=robust, background=background)
+
+
+def tail_ratio(values: np.ndarray) -> float:
+    """The bright tail of ``values`` over its dark tail (99.9th and 0.1th percentiles, from the median)."""
+    low, median, high = np.percentile(values, [100 - TAIL_QUANTILE, 50, TAIL_QUANTILE])
+    return float((high - median) / max(median - low, 1e-12))
+
+
+def _outer(shape: tuple[int, ...]) -> np.ndarray:
+    """The outer tenth of the volume on every side (at least 2 voxels)."""
+    thickness = [max(2, n // 10) for n in shape]
+    outer = np.ones(shape, dtype=bool)
+    outer[tuple(slice(t, n - t) for t, n in zip(thickness, shape, strict=True))] = False
+    return outer
+
+
+def _centre(shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The central half of the volume along every axis."""
+    return tuple(slice(n // 4, n - n // 4) for n in shape)
+
+
+def outer_spread_ratio(values: np.ndarray) -> float:
+    """How much more the outer tenth of the volume varies than its centre (median absolute deviations)."""
+    centre = _centre(values.shape)
+
+    def spread(x: np.ndarray) -> float:
+        return float(np.median(np.abs(x - np.median(x))))
+
+    return spread(values[_outer(values.shape)]) / max(spread(values[centre]), 1e-12)
 
 
 def validate_qsm(image: sitk.Image) -> tuple[sitk.Image, VolumeCheck]:
-    """Clean a QSM map and check it is in ppm."""
+    """Clean a QSM map and check it is what the models were trained on: ppm, paramagnetic positive, masked."""
     image, check = clean_volume(image, "QSM")
-    if check.robust_max_abs > PPB_ROBUST_LIMIT_PPM:
+    robust = check.robust_max_abs
+    if robust > PPB_ROBUST_LIMIT_PPM:
         raise InputError(
             f"The QSM looks like ppb, not ppm (99.5th percentile of |χ| inside the head is "
-            f"{check.robust_max_abs:.0f}); divide it by 1000 or export it in ppm."
+            f"{robust:.0f}); divide it by 1000 or export it in ppm."
         )
-    return image, check
+    if robust < SI_ROBUST_LIMIT_PPM:
+        raise InputError(
+            f"The QSM looks like dimensionless SI susceptibility, not ppm (99.5th percentile of |χ| inside the "
+            f"head is {robust:.2g}); multiply it by 1e6 or export it in ppm."
+        )
+    values = sitk.GetArrayViewFromImage(image)
+    warnings = []
+    ratio = None
+    if check.background == "none" and (spread := outer_spread_ratio(values)) >= UNMASKED_SPREAD_RATIO:
+        # The noise around the head fills both tails of the histogram: the sign cannot be judged.
+        warnings.append(
+            f"The QSM has no zero background and its outer part varies {spread:.0f} times more than its centre: "
+            "it looks unmasked, so nnU-Net normalises it over the whole volume instead of the brain (and its sign "
+            "convention cannot be checked); mask it with its brain mask for results like the model's training."
+        )
+    else:
+        ratio = tail_ratio(values[head_mask(values)])
+        if ratio < FLIPPED_TAIL_RATIO:
+            raise InputError(
+                f"The QSM looks sign-flipped: its dark tail is {1 / ratio:.1f} times its bright one, so veins and "
+                "deep grey nuclei are dark; PRL models take paramagnetic as positive: multiply the map by -1."
+            )
+        if ratio < 1.0:
+            warnings.append(
+                f"The QSM's dark tail is heavier than its bright one (ratio {ratio:.2f}); check that paramagnetic "
+                "(veins, deep grey nuclei) is positive."
+            )
+    for warning in warnings:
+        logger.warning("%s", warning)
+    ratio = None if ratio is None else round(ratio, 3)
+    return image, replace(check, bright_dark_tail_ratio=ratio, warnings=tuple(warnings))
 
 
 def validate_flair(image: sitk.Image) -> tuple[sitk.Image, VolumeCheck]:

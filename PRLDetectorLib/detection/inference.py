@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from PRLDetectorLib.detection.models import ModelInfo
+from PRLDetectorLib.detection.models import ModelInfo, load_checkpoints
 from PRLDetectorLib.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,38 @@ def _make_predictor_class():
         on_tile: Callable[[int, int], None] | None = None
         stats: TileStats
 
+        def initialize_from_checkpoints(self, model: ModelInfo, checkpoints: dict[str, dict]) -> None:
+            """nnU-Net's ``initialize_from_trained_model_folder`` on checkpoints already loaded as weights
+            only (:func:`load_checkpoints`): nnU-Net's own loader unpickles with ``weights_only=False``."""
+            import inspect
+
+            from batchgenerators.utilities.file_and_folder_operations import load_json
+            from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+            from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+            dataset_json = load_json(str(model.path / "dataset.json"))
+            plans_manager = PlansManager(load_json(str(model.path / "plans.json")))
+            first = checkpoints[model.folds[0]]
+            configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
+            trainer_class = recursive_find_trainer_class_by_name(first["trainer_name"])
+            if trainer_class is None:
+                raise ValueError(f"nnU-Net has no trainer '{first['trainer_name']}'")
+            channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+            heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+            if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
+                network = trainer_class.build_network_architecture(
+                    plans_manager, configuration_manager, channels, heads, enable_deep_supervision=False)
+            else:
+                network = trainer_class.build_network_architecture(
+                    configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+                    configuration_manager.network_arch_init_kwargs_req_import, channels, heads,
+                    enable_deep_supervision=False)
+            parameters = [checkpoints[fold]["network_weights"] for fold in model.folds]
+            network.load_state_dict(parameters[0])
+            self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                       first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
+
         def _internal_get_sliding_window_slicers(self, image_size):
             slicers = super()._internal_get_sliding_window_slicers(image_size)
             self.stats = TileStats(total=len(slicers), run=len(slicers))
@@ -135,6 +167,8 @@ class Segmenter:
     """One loaded nnU-Net model; :meth:`predict` runs it on one case at a time."""
 
     def __init__(self, model: ModelInfo, device: str = "auto", tta: bool = False, skip_empty_tiles: bool = True):
+        # Weights only, before nnU-Net sees the model; ``model`` gets the sha256 of the checkpoints it runs.
+        model, checkpoints = load_checkpoints(model)
         self.model = model
         self.device = pick_device(device)
         self.tta = tta
@@ -153,9 +187,7 @@ class Segmenter:
                 allow_tqdm=False,
             )
             try:
-                self.predictor.initialize_from_trained_model_folder(
-                    str(model.path), use_folds=tuple(model.folds), checkpoint_name="checkpoint_final.pth"
-                )
+                self.predictor.initialize_from_checkpoints(model, checkpoints)
             except (KeyError, RuntimeError, ValueError) as error:
                 raise InputError(
                     f"The model folder '{model.path}' could not be loaded by nnU-Net ({type(error).__name__}: "

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from PRLDetectorLib import __version__
 from PRLDetectorLib.detection.burden import Burden, compute_burden
 from PRLDetectorLib.detection.candidates import FEATURE_NAMES, CandidateSet, find_case_candidates
-from PRLDetectorLib.detection.classifier import LesionClassifier, model_classifier
+from PRLDetectorLib.detection.classifier import LesionClassifier, classifier_sha256, model_classifier
 from PRLDetectorLib.detection.features import (
     LesionFeatures,
     lesions_without_rim,
@@ -126,8 +126,9 @@ class Detector:
     def __init__(self, settings: DetectionSettings | None = None, extra_model_dirs: list[Path] | None = None):
         self.settings = settings or DetectionSettings()
         self.settings.validate()
-        self.model = resolve_model(self.settings.model, extra_model_dirs)
-        self.segmenter = Segmenter(self.model, device=self.settings.device, tta=self.settings.tta)
+        model = resolve_model(self.settings.model, extra_model_dirs)
+        self.segmenter = Segmenter(model, device=self.settings.device, tta=self.settings.tta)
+        self.model = self.segmenter.model  # with the sha256 of the checkpoints it loaded
         self.classifier: LesionClassifier | None = None
         if self.settings.operating_point != NO_CLASSIFIER:
             self.classifier = model_classifier(self.model.path)
@@ -327,7 +328,8 @@ def result_record(result: DetectionResult, inputs: dict[str, str | Path] | None 
             "path": str(model.path),
             "channels": list(model.channels),
             "folds": list(model.folds),
-            "checkpoint_sha256": model.card.get("checkpoint_sha256"),
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "classifier_sha256": classifier_sha256(model.path),
         },
         "settings": result.settings.to_dict(),
         "inputs": {
@@ -355,10 +357,11 @@ def result_record(result: DetectionResult, inputs: dict[str, str | Path] | None 
 def write_result(
     result: DetectionResult, out_dir: str | Path, inputs: dict[str, str | Path] | None = None, overwrite: bool = False
 ) -> Path:
-    """Write the result files into ``out_dir`` all at once: a failure leaves no half-written folder."""
+    """Write the result files into ``out_dir`` all at once: a failure leaves no half-written folder, and of two
+    runs writing the same ``out_dir`` without ``overwrite`` one wins and the other gets an InputError."""
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite)
-    with atomic_path(out_dir, folder=True) as staging:
+    with atomic_path(out_dir, folder=True, replace=overwrite) as staging:
         sitk.WriteImage(sitk.Cast(result.labels, sitk.sitkUInt16), str(staging / LABELS_NAME), True)
         write_seg_nrrd(result.labels, staging / SEGMENTATION_NAME)
         write_lesions_csv(staging / LESIONS_NAME, result.lesions)

@@ -23,7 +23,6 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import fft as sfft
 from scipy import ndimage as ndi
-from tqdm import tqdm
 
 from PRLDetectorLib import __version__
 from PRLDetectorLib.errors import InputError
@@ -55,6 +54,7 @@ from PRLDetectorLib.phantom.lesions import (
     place_ms_lesion,
     random_unit,
 )
+from PRLDetectorLib.progress import count_progress, on_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -685,26 +685,29 @@ def generate_cohort(out_dir: Path, n: int, seed: int, with_flair: bool = False,
                          "choose an empty output folder.")
     folders = []
     started = time.perf_counter()
-    for index in tqdm(range(n), desc="Phantoms", unit="case", disable=not progress):
-        spacing = spacing_mm
-        if vary_grid:
-            rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 1]))
-            spacing = VARY_GRID_SPACINGS[rng.integers(len(VARY_GRID_SPACINGS))]
-        acquisition = None
-        if vary_acquisition:
-            rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 2]))
-            spacing = VARIED_SPACINGS[rng.integers(len(VARIED_SPACINGS))]
-            acquisition = draw_acquisition(rng, tuple(recons))
-        n_prl = None
-        if negative_share:
-            # Every k-th case is PRL-negative: exactly round(n * share) of them, spread over the cohort.
-            n_negative = int(round(n * negative_share))
-            if n_negative and index * n_negative // n != (index + 1) * n_negative // n:
-                n_prl = 0
-        case = generate_case(case_ids[index], case_seed(seed, index), with_flair=with_flair,
-                             spacing_mm=spacing, extent_mm=extent_mm, n_prl=n_prl, acquisition=acquisition)
-        folders.append(write_case(case, out_dir))
-        logger.info("Wrote %s: %d PRLs, %d other lesions and mimics", folders[-1], case.truth["prl_count"],
-                    len(case.truth["lesions"]) - case.truth["prl_count"])
+    # A bar on a terminal only: elsewhere the "Wrote" line of each case is its progress line.
+    with count_progress(n, "Phantoms", "cases", enabled=progress and on_terminal()) as advance:
+        for index in range(n):
+            spacing = spacing_mm
+            if vary_grid:
+                rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 1]))
+                spacing = VARY_GRID_SPACINGS[rng.integers(len(VARY_GRID_SPACINGS))]
+            acquisition = None
+            if vary_acquisition:
+                rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 2]))
+                spacing = VARIED_SPACINGS[rng.integers(len(VARIED_SPACINGS))]
+                acquisition = draw_acquisition(rng, tuple(recons))
+            n_prl = None
+            if negative_share:
+                # Every k-th case is PRL-negative: exactly round(n * share) of them, spread over the cohort.
+                n_negative = int(round(n * negative_share))
+                if n_negative and index * n_negative // n != (index + 1) * n_negative // n:
+                    n_prl = 0
+            case = generate_case(case_ids[index], case_seed(seed, index), with_flair=with_flair,
+                                 spacing_mm=spacing, extent_mm=extent_mm, n_prl=n_prl, acquisition=acquisition)
+            folders.append(write_case(case, out_dir))
+            logger.info("Wrote %s: %d PRLs, %d other lesions and mimics", folders[-1], case.truth["prl_count"],
+                        len(case.truth["lesions"]) - case.truth["prl_count"])
+            advance(case_ids[index])
     logger.info("Generated %d phantoms in %s in %.0f s", n, out_dir, time.perf_counter() - started)
     return folders

@@ -28,8 +28,9 @@ def write_phantom(folder: Path, case_id: str, seed: int, n_prl: int, with_flair:
     return write_case(generate_case(case_id, seed=seed, with_flair=with_flair, extent_mm=TINY_EXTENT_MM, n_prl=n_prl), folder)
 
 
-def write_truth_result(qsm_path: Path, gt_prl: Path, gt_instances: Path, out_dir: Path, flair_path: Path | None = None) -> Path:
-    """Write ``out_dir`` as detect would have, had it found exactly the true PRLs."""
+def write_truth_result(qsm_path: Path, gt_prl: Path, gt_instances: Path, out_dir: Path, flair_path: Path | None = None,
+                       model: ModelInfo = TRUTH_MODEL) -> Path:
+    """Write ``out_dir`` as detect would have with ``model``, had it found exactly the true PRLs."""
     qsm = sitk.ReadImage(str(qsm_path), sitk.sitkFloat32)
     prl = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_prl))) > 0
     instances = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_instances)))
@@ -41,15 +42,16 @@ def write_truth_result(qsm_path: Path, gt_prl: Path, gt_instances: Path, out_dir
     probability.CopyInformation(qsm)
     result = DetectionResult(
         labels=label_image, probability=probability, lesions=lesions, burden=compute_burden(lesions),
-        model=TRUTH_MODEL, settings=DetectionSettings(),
+        model=model, settings=DetectionSettings(),
     )
     inputs = {"qsm": qsm_path, **({"flair": flair_path} if flair_path else {})}
     return write_result(result, out_dir, inputs)
 
 
-def write_truth_result_of_case(case_dir: Path, out_dir: Path, with_flair: bool = True) -> Path:
+def write_truth_result_of_case(case_dir: Path, out_dir: Path, with_flair: bool = True,
+                               model: ModelInfo = TRUTH_MODEL) -> Path:
     flair = case_dir / "flair.nii.gz"
     return write_truth_result(
         case_dir / "qsm.nii.gz", case_dir / "gt_prl.nii.gz", case_dir / "gt_instances.nii.gz", out_dir,
-        flair if with_flair and flair.is_file() else None,
+        flair if with_flair and flair.is_file() else None, model,
     )

@@ -71,10 +71,13 @@ def test_a_folder_without_chimap_scans_is_an_input_error_naming_the_suffix(tmp_p
 
 def test_a_bids_batch_writes_derivatives_with_a_described_lesion_table(bids, phantoms, tmp_path):
     out = tmp_path / "out"
-    # Results as a finished batch left them: the batch resumes, needs no model, and writes derivatives.
-    write_truth_result_of_case(phantoms["a"], out / "sub-01_ses-1")
-    write_truth_result_of_case(phantoms["b"], out / "sub-02")
-    report = run_bids_batch(bids, out, DetectionSettings(model="no-such-model"), progress=False)
+    # Results as a finished batch left them: the batch resumes, loads no model, and writes derivatives.
+    from PRLDetectorLib.detection.models import fingerprint, resolve_model
+
+    model = fingerprint(resolve_model("qsm"))  # results as the bundled model made them: the batch resumes them
+    write_truth_result_of_case(phantoms["a"], out / "sub-01_ses-1", model=model)
+    write_truth_result_of_case(phantoms["b"], out / "sub-02", model=model)
+    report = run_bids_batch(bids, out, DetectionSettings(device="cuda"), progress=False)  # loads no model
     assert report.skipped == ["sub-01_ses-1", "sub-02"] and not report.done and not report.failed
 
     root = out / "derivatives" / "prldetector"

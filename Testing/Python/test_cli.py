@@ -159,7 +159,7 @@ def _padded_case(case: Path, tmp: Path, background: float) -> Path:
         (lambda case, tmp: _truncated(case, tmp), "truncated"),
         (lambda case, tmp: _write_array(tmp, np.ones((30, 30), np.float32)), "2D"),
         (lambda case, tmp: _write_4d(case, tmp), "4D with 2 volumes"),
-        (lambda case, tmp: _qsm_with_nan_in_a_lesion(case, tmp), "27 NaN or infinite voxels inside the head"),
+        (lambda case, tmp: _qsm_with_nan_in_a_lesion(case, tmp), "27 NaN voxel(s) inside the head"),
         (lambda case, tmp: _qsm_variant(case, tmp, np.zeros_like), "all zero"),
         (lambda case, tmp: _qsm_variant(case, tmp, lambda v: v * 1000), "ppb"),
     ],

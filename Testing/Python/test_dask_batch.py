@@ -32,17 +32,21 @@ def tiny_cases(tmp_path_factory):
 def test_a_local_cluster_makes_the_missing_reports_and_records_a_lost_input_as_a_failure(tiny_cases, tmp_path):
     cases, out = tmp_path / "cases", tmp_path / "out"
     shutil.copytree(tiny_cases, cases)
+    from PRLDetectorLib.detection.models import fingerprint, resolve_model
+
+    model = fingerprint(resolve_model("qsm"))  # as the bundled model made them, so the batch resumes them
     for case in ("p0", "p1", "p2"):
-        write_truth_result_of_case(cases / case, out / case)
+        write_truth_result_of_case(cases / case, out / case, model=model)
     (cases / "p2" / "qsm.nii.gz").unlink()  # its report cannot be made any more
     (cases / "p2" / "qsm.nii.gz").write_bytes(b"")  # ...but the patient folder is still found
 
     seen = []
     report = run_batch(
-        cases, out, DetectionSettings(model="no-such-model"), progress=False, exports=CaseExports(report=True),
+        cases, out, DetectionSettings(device="cuda"), progress=False, exports=CaseExports(report=True),
         workers=2, on_case=lambda case_id, status: seen.append((case_id, status)),
     )
-    # Results existed: no detection (the model does not even exist), only the reports, made on the workers.
+    # Results existed: no detection (a model on an absent CUDA device would fail), only the reports, made on
+    # the workers.
     assert report.skipped == ["p0", "p1"] and not report.done
     assert list(report.failed) == ["p2"] and "QSM" in report.failed["p2"]
     assert sorted(seen) == [("p0", "skipped"), ("p1", "skipped"), ("p2", "failed")]

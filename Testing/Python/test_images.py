@@ -119,14 +119,14 @@ def test_nan_outside_the_head_is_read_as_zero_and_reported():
 def test_nan_inside_the_head_is_refused():
     values = _brain_like()
     values[10, 12, 11] = np.nan
-    with pytest.raises(InputError, match="1 NaN or infinite voxels inside the head"):
+    with pytest.raises(InputError, match=r"1 NaN voxel\(s\) inside the head around voxel \[11, 12, 10\]"):
         validate_qsm(sitk.GetImageFromArray(values))
 
 
 def test_inf_inside_the_head_is_refused():
     values = _brain_like()
     values[9:11, 12, 11] = np.inf
-    with pytest.raises(InputError, match="2 NaN or infinite"):
+    with pytest.raises(InputError, match=r"2 infinite voxel\(s\)"):
         validate_qsm(sitk.GetImageFromArray(values))
 
 
@@ -160,5 +160,120 @@ def test_nan_voxels_of_a_nifti_file_reach_validation_at_their_place(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
     read = sitk.GetArrayFromImage(read_image(path, "QSM"))
     assert np.argwhere(np.isnan(read)).tolist() == [[10, 12, 11]]
-    with pytest.raises(InputError, match="1 NaN or infinite voxels inside the head"):
+    with pytest.raises(InputError, match=r"1 NaN voxel\(s\) inside the head"):
         validate_qsm(read_image(path, "QSM"))
+
+
+# --- Inf and NaN: where they are, and what is background ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def whole_brain():
+    """A 1 mm whole-brain phantom QSM: the brain in a zero background, as QSM tools write it."""
+    from PRLDetectorLib.phantom.phantom import generate_case
+
+    return generate_case("whole", seed=11, with_flair=False).qsm
+
+
+@pytest.fixture(scope="module")
+def brain_crop():
+    """A small phantom crop inside the brain (no background at all), as the tests detect on."""
+    from PRLDetectorLib.phantom.phantom import generate_case
+
+    return generate_case("crop", seed=13, with_flair=False, extent_mm=(96.0, 112.0, 72.0)).qsm
+
+
+def _like(values: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.CopyInformation(reference)
+    return image
+
+
+def _edge_block(values: np.ndarray) -> tuple[slice, slice, slice]:
+    """A 10x10x10 block straddling the brain's edge: half in the brain, half in the background (along x)."""
+    z, y = values.shape[0] // 2, values.shape[1] // 2
+    x = int(np.flatnonzero(values[z, y] != 0)[-1])  # the last brain voxel along this row
+    return slice(z - 5, z + 5), slice(y - 5, y + 5), slice(x - 4, x + 6)
+
+
+def test_a_block_of_inf_straddling_the_edge_of_the_brain_is_refused_with_where_it_is(whole_brain):
+    values = sitk.GetArrayFromImage(whole_brain)
+    block = _edge_block(values)
+    values[block] = np.inf
+    with pytest.raises(InputError, match=r"has 1000 infinite voxel\(s\) around voxel \[\d+, \d+, \d+\] "
+                       r"\(LPS [-\d.]+, [-\d.]+, [-\d.]+ mm\), spanning voxels \[(\d+)-(\d+), "):
+        validate_qsm(_like(values, whole_brain))
+
+
+def test_inf_far_outside_the_head_is_refused_too(whole_brain):
+    values = sitk.GetArrayFromImage(whole_brain)
+    values[:3, :3, :3] = -np.inf
+    with pytest.raises(InputError, match=r"27 infinite voxel\(s\) around voxel \[1, 1, 1\]"):
+        validate_qsm(_like(values, whole_brain))
+
+
+def test_a_nan_block_on_the_edge_of_a_brain_in_zero_background_is_a_hole_not_background(whole_brain):
+    values = sitk.GetArrayFromImage(whole_brain)
+    values[_edge_block(values)] = np.nan
+    with pytest.raises(InputError, match=r"1000 NaN voxel\(s\) on the edge of the head around voxel .* where the "
+                       "rest of its background is 0"):
+        validate_qsm(_like(values, whole_brain))
+
+
+def test_a_nan_background_around_the_brain_is_read_as_zero(whole_brain):
+    values = sitk.GetArrayFromImage(whole_brain)
+    background = values == 0
+    values[background] = np.nan
+    image, check = validate_qsm(_like(values, whole_brain))
+    assert check.background == "nan" and check.nonfinite_outside_head == int(background.sum())
+    assert np.array_equal(sitk.GetArrayViewFromImage(image) == 0, background)
+
+
+# --- QSM the models do not expect: SI units, flipped sign, unmasked -----------------------------------------
+
+
+def test_qsm_in_dimensionless_si_units_is_refused(whole_brain, brain_crop):
+    for image in (whole_brain, brain_crop):
+        with pytest.raises(InputError, match="dimensionless SI susceptibility, not ppm .*multiply it by 1e6"):
+            validate_qsm(_like(sitk.GetArrayFromImage(image) * 1e-6, image))
+
+
+def test_qsm_with_the_sign_flipped_is_refused_and_the_same_map_unflipped_passes(whole_brain, brain_crop):
+    for image in (whole_brain, brain_crop):
+        _, check = validate_qsm(image)
+        assert check.bright_dark_tail_ratio > 1.5 and not check.warnings
+        with pytest.raises(InputError, match="looks sign-flipped.*multiply the map by -1"):
+            validate_qsm(_like(-sitk.GetArrayFromImage(image), image))
+
+
+def test_an_unmasked_qsm_passes_with_a_warning_and_a_crop_inside_the_brain_does_not(whole_brain, brain_crop, caplog):
+    values = sitk.GetArrayFromImage(whole_brain)
+    from PRLDetectorLib.detection.images import head_mask
+
+    noisy = np.where(head_mask(values), values, np.random.default_rng(0).normal(0, 0.3, values.shape))
+    _, check = validate_qsm(_like(noisy, whole_brain))
+    assert check.background == "none"
+    assert len(check.warnings) == 1 and "looks unmasked" in check.warnings[0]
+    assert "looks unmasked" in caplog.text
+    _, crop = validate_qsm(brain_crop)
+    assert crop.background == "none" and not crop.warnings
+
+
+def test_the_warnings_of_the_input_checks_are_recorded_in_burden_json(tmp_path, whole_brain):
+    import json
+
+    from result_fixtures import TRUTH_MODEL
+
+    from PRLDetectorLib.detection.burden import compute_burden
+    from PRLDetectorLib.detection.images import VolumeCheck
+    from PRLDetectorLib.detection.pipeline import DetectionResult, write_result
+    from PRLDetectorLib.settings import DetectionSettings
+
+    labels = _like(np.zeros(sitk.GetArrayViewFromImage(whole_brain).shape), whole_brain)
+    check = VolumeCheck(robust_max_abs=0.1, background="none", warnings=("The QSM ... looks unmasked ...",))
+    result = DetectionResult(labels=labels, probability=labels, lesions=[], burden=compute_burden([]),
+                             model=TRUTH_MODEL, settings=DetectionSettings(), checks={"qsm": check})
+    write_result(result, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "burden.json").read_text(encoding="utf-8"))
+    assert record["input_checks"]["qsm"]["warnings"] == ["The QSM ... looks unmasked ..."]
+    assert record["input_checks"]["qsm"]["background"] == "none"

@@ -25,7 +25,7 @@ def test_a_shipped_model_is_small_inference_only_and_described_by_its_card(name)
     assert info.channels == MODELS[name]
     checkpoint = path / "fold_0" / "checkpoint_final.pth"
     assert checkpoint.stat().st_size <= 10 * 1024 * 1024
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # weights only: no code rides along
     # nnU-Net must find the trainer class in its first module, without importing timm/torchvision.
     assert state["trainer_name"] == "nnUNetTrainer"
     assert "optimizer_state" not in state

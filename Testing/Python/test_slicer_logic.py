@@ -74,14 +74,18 @@ def _voxel_mm3(qsm_node) -> float:
 
 
 def _fake_model(models_dir: Path, name: str = "fake") -> Path:
-    """A folder that passes model validation but whose weights are not a network."""
+    """A folder that passes model validation and whose checkpoint loads as weights only, but whose content
+    breaks nnU-Net (``init_args`` is no dict): running it is a crash, not bad input."""
+    import torch
+
     folder = models_dir / name
     (folder / "fold_0").mkdir(parents=True)
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "QSM"}, "labels": {"background": 0, "prl": 1}, "file_ending": ".nii.gz",
     }), encoding="utf-8")
     (folder / "plans.json").write_text("{}", encoding="utf-8")
-    (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"not a checkpoint")
+    torch.save({"network_weights": {}, "trainer_name": "nnUNetTrainer", "init_args": []},
+               folder / "fold_0" / "checkpoint_final.pth")
     return folder
 
 
