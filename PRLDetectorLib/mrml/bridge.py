@@ -64,7 +64,8 @@ def image_from_volume_node(volume_node) -> sitk.Image:
     """A copy of a scalar volume node's voxels as a SimpleITK image with the same geometry (in LPS).
 
     The node's own geometry is used; a parent transform is not applied (results are placed under the same
-    transform instead, see :func:`segmentation_from_labels`).
+    transform instead, see :func:`segmentation_from_labels`). For a second volume measured with the first,
+    :func:`image_in_frame_of` applies what the reader did in Slicer.
     """
     if volume_node is None or volume_node.GetImageData() is None:
         raise InputError("The volume has no voxels; load an image into it first.")
@@ -77,6 +78,87 @@ def image_from_volume_node(volume_node) -> sitk.Image:
     image.SetOrigin(tuple(_RAS_FROM_LPS @ origin))
     image.SetDirection(tuple((_RAS_FROM_LPS @ _direction_ras(volume_node)).ravel()))
     return image
+
+
+def image_in_frame_of(volume_node, frame_node) -> sitk.Image:
+    """The volume as it lies in Slicer *relative to* ``frame_node``: in that node's own (untransformed) frame.
+
+    A FLAIR the reader aligned to the QSM with a transform (or the QSM itself moved by one) is taken as the
+    reader placed it: the transform from the FLAIR's parent frame to the QSM's parent frame is applied to a
+    copy; the reader's nodes are never changed. A linear transform changes only the header (origin, axes,
+    spacing), so no voxel is interpolated; a non-linear one (or one that shears the grid) is hardened on a
+    temporary copy, which Slicer resamples.
+    """
+    matrix = relative_transform(volume_node, frame_node)
+    if matrix is None:
+        return image_from_volume_node(volume_node)
+    if matrix is not NON_LINEAR:
+        image = image_from_volume_node(volume_node)
+        ijk_to_ras = matrix @ _ijk_to_ras(volume_node)
+        columns = ijk_to_ras[:3, :3]
+        spacing = np.linalg.norm(columns, axis=0)
+        direction_ras = columns / spacing
+        if np.allclose(direction_ras.T @ direction_ras, np.eye(3), atol=1e-6):
+            image.SetSpacing(tuple(float(v) for v in spacing))
+            image.SetOrigin(tuple(_RAS_FROM_LPS @ ijk_to_ras[:3, 3]))
+            image.SetDirection(tuple((_RAS_FROM_LPS @ direction_ras).ravel()))
+            return image
+    return _hardened_copy(volume_node, frame_node)
+
+
+NON_LINEAR = np.full((4, 4), np.nan)
+"""What :func:`relative_transform` returns for a transform that no matrix describes."""
+
+
+def relative_transform(volume_node, frame_node) -> np.ndarray | None:
+    """The RAS matrix from ``volume_node``'s parent frame to ``frame_node``'s (None when both share one frame,
+    :data:`NON_LINEAR` when no matrix describes it)."""
+    source = volume_node.GetParentTransformNode()
+    target = frame_node.GetParentTransformNode() if frame_node is not None else None
+    if source is target:
+        return None
+    between = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(source, target, between)
+    linear = vtk.vtkTransform()
+    if not slicer.vtkMRMLTransformNode.IsGeneralTransformLinear(between, linear):
+        return NON_LINEAR
+    array = slicer.util.arrayFromVTKMatrix(linear.GetMatrix())
+    return None if np.allclose(array, np.eye(4), atol=1e-12) else array
+
+
+def _hardened_copy(volume_node, frame_node) -> sitk.Image:
+    scene = volume_node.GetScene()
+    between = vtk.vtkGeneralTransform()
+    target = frame_node.GetParentTransformNode() if frame_node is not None else None
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume_node.GetParentTransformNode(), target, between)
+    with _temporary_nodes(scene):
+        copy = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "__PRLDetector_hardened__")
+        copy.CopyOrientation(volume_node)
+        voxels = vtk.vtkImageData()
+        voxels.DeepCopy(volume_node.GetImageData())
+        copy.SetAndObserveImageData(voxels)
+        transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "__PRLDetector_transform__")
+        transform.SetAndObserveTransformToParent(between)
+        copy.SetAndObserveTransformNodeID(transform.GetID())
+        copy.HardenTransform()
+        return image_from_volume_node(copy)
+
+
+def transform_record(volume_node, frame_node=None) -> dict | None:
+    """What a reader's transform does to a volume, for ``burden.json``: the transform's name and the RAS matrix
+    from the volume's frame to ``frame_node``'s (to the world when ``frame_node`` is None); None when there
+    is nothing between the two."""
+    matrix = relative_transform(volume_node, frame_node)
+    if matrix is None:
+        return None
+    transform = volume_node.GetParentTransformNode()
+    return {
+        "volume": volume_node.GetName(),
+        "transform": transform.GetName() if transform is not None else None,
+        "relative_to": frame_node.GetName() if frame_node is not None else "world",
+        "linear": matrix is not NON_LINEAR,
+        "matrix_ras": None if matrix is NON_LINEAR else matrix.tolist(),
+    }
 
 
 def update_volume_node_from_image(volume_node, image: sitk.Image) -> None:
@@ -104,6 +186,12 @@ def geometry_image(volume_node) -> sitk.Image:
     image.SetOrigin(tuple(_RAS_FROM_LPS @ np.array(volume_node.GetOrigin(), dtype=float)))
     image.SetDirection(tuple((_RAS_FROM_LPS @ _direction_ras(volume_node)).ravel()))
     return image
+
+
+def _ijk_to_ras(volume_node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def _direction_ras(volume_node) -> np.ndarray:
@@ -211,8 +299,7 @@ def segmentation_from_labels(
 def _import_labels(scene, array: np.ndarray, reference_node, segmentation_node, segment_ids: Sequence[str]) -> None:
     """Import label value v of ``array`` into ``segment_ids[v - 1]``."""
     with _temporary_nodes(scene):
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_import__")
-        labelmap.CopyOrientation(reference_node)
+        labelmap = _labelmap_on(scene, reference_node, "__PRLDetector_import__")
         slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(array, dtype=np.uint16))
         names = vtk.vtkStringArray()
         for segment_id in segment_ids:
@@ -318,10 +405,10 @@ def set_segment_from_array(segmentation_node, segment_id: str, mask: np.ndarray,
     scene = segmentation_node.GetScene()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     with _temporary_nodes(scene):
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_edit__")
-        labelmap.CopyOrientation(reference_node)
+        labelmap = _labelmap_on(scene, reference_node, "__PRLDetector_edit__")
         slicer.util.updateVolumeFromArray(labelmap, array)
-        image = logic.CreateOrientedImageDataFromVolumeNode(labelmap)
+        # The voxels in the segmentation's own frame (its parent transform), as the Segment Editor gives them.
+        image = logic.CreateOrientedImageDataFromVolumeNode(labelmap, segmentation_node.GetParentTransformNode())
     if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
         raise RuntimeError(f"Slicer could not replace the voxels of segment '{segment_id}'.")
 
@@ -356,7 +443,7 @@ def labels_from_segmentation(segmentation_node, reference_node, segment_ids: Seq
         return np.zeros(shape, dtype=np.uint16)
     scene = segmentation_node.GetScene()
     with _temporary_nodes(scene):
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_export__")
+        labelmap = _labelmap_on(scene, reference_node, "__PRLDetector_export__")
         ids = vtk.vtkStringArray()
         for segment_id in segment_ids:
             ids.InsertNextValue(segment_id)
@@ -409,6 +496,19 @@ def read_segmentation_file(scene, path: str | Path, name: str | None = None):
     node.SetAndObserveStorageNodeID(storage.GetID())
     node.CreateDefaultDisplayNodes()
     return node
+
+
+def _labelmap_on(scene, reference_node, name: str):
+    """A temporary label map node on ``reference_node``'s grid *where the reference is in the world*: under the
+    same parent transform. Slicer maps between a label map and a segmentation through their transforms, so a
+    label map outside the reference's transform would move the lesions by that transform (twice on a round trip).
+    """
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    labelmap.CopyOrientation(reference_node)
+    transform = reference_node.GetParentTransformNode()
+    if transform is not None:
+        labelmap.SetAndObserveTransformNodeID(transform.GetID())
+    return labelmap
 
 
 @contextmanager

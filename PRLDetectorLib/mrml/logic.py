@@ -70,6 +70,7 @@ LIBRARY_PARENT = Path(__file__).resolve().parents[2]
 PROBABILITY_REFERENCE_ROLE = "PRLDetector.Probability"
 SETTINGS_ATTRIBUTE = "PRLDetector.Settings"
 MODEL_ATTRIBUTE = "PRLDetector.Model"
+TRANSFORMS_ATTRIBUTE = "PRLDetector.InputTransforms"
 CLI_ERROR_PREFIX = "prl-detect: error: "
 
 
@@ -90,6 +91,26 @@ class LesionReview:
     segmentation_node: object
     table_node: object
     burden: Burden
+
+
+def input_transforms(qsm_node, flair_node=None) -> dict[str, dict]:
+    """The reader's transforms that detection honours, as ``burden.json`` records them (empty when none).
+
+    Detection measures in the QSM's own scanner frame: the QSM's voxels and header are used as they are and
+    the results are put under the QSM's transform, so they move with it. A FLAIR is taken as the reader placed
+    it relative to the QSM (see :func:`bridge.image_in_frame_of`); automatic registration then starts from there.
+    """
+    record = {}
+    qsm = bridge.transform_record(qsm_node)
+    if qsm is not None:
+        qsm["applied"] = "QSM used in its scanner frame; the results are placed under the same transform"
+        record["qsm"] = qsm
+    flair = bridge.transform_record(flair_node, qsm_node) if flair_node is not None else None
+    if flair is not None:
+        how = "its header moved on a copy" if flair["linear"] else "hardened on a copy (resampled)"
+        flair["applied"] = f"FLAIR taken as the reader aligned it to the QSM: {how}"
+        record["flair"] = flair
+    return record
 
 
 def output_name(qsm_node) -> str:
@@ -123,6 +144,7 @@ class DetectionRun:
         self.work_dir = Path(tempfile.mkdtemp(prefix="PRLDetector-"))
         self.out_dir = self.work_dir / "result"
         self.child: ChildProcess | None = None
+        self.input_transforms: dict[str, dict] = {}
         self.progress = 0.0
         self.message = ""
 
@@ -148,7 +170,9 @@ class DetectionRun:
         flair_path = None
         if self.flair_node is not None:
             flair_path = self.work_dir / "flair.nii"
-            sitk.WriteImage(bridge.image_from_volume_node(self.flair_node), str(flair_path))
+            sitk.WriteImage(bridge.image_in_frame_of(self.flair_node, self.qsm_node), str(flair_path))
+        self.input_transforms = input_transforms(self.qsm_node, self.flair_node)
+        _log_transforms(self.input_transforms)
         self.child = ChildProcess(self.command(qsm_path, flair_path), env=self.environment(), cwd=LIBRARY_PARENT)
         logger.info("Detecting PRLs in '%s' with model '%s'", self.qsm_node.GetName(), self.model.name)
         self.child.start()
@@ -203,7 +227,8 @@ class DetectionRun:
         rows = read_lesions_csv(self.out_dir / LESIONS_NAME)
         review = self.logic.show_detection(self.qsm_node, sitk.GetArrayFromImage(labels), rows)
         record = json.loads((self.out_dir / BURDEN_NAME).read_text(encoding="utf-8"))
-        _annotate(review.segmentation_node, record.get("settings", self.settings.to_dict()), record.get("model", {}))
+        _annotate(review.segmentation_node, record.get("settings", self.settings.to_dict()), record.get("model", {}),
+                  self.input_transforms)
         return review
 
     def cleanup(self) -> None:
@@ -219,9 +244,16 @@ def _strip_level(text: str) -> str:
     return text
 
 
-def _annotate(segmentation_node, settings: Mapping, model: Mapping) -> None:
+def _annotate(segmentation_node, settings: Mapping, model: Mapping, transforms: Mapping | None = None) -> None:
     segmentation_node.SetAttribute(SETTINGS_ATTRIBUTE, json.dumps(dict(settings)))
     segmentation_node.SetAttribute(MODEL_ATTRIBUTE, json.dumps({k: model.get(k) for k in ("name", "version", "path")}))
+    segmentation_node.SetAttribute(TRANSFORMS_ATTRIBUTE, json.dumps(dict(transforms or {})))
+
+
+def _log_transforms(transforms: Mapping[str, Mapping]) -> None:
+    for role, record in transforms.items():
+        logger.info("%s '%s' is moved by transform '%s' in Slicer: %s.", role.upper(), record["volume"],
+                    record["transform"], record["applied"])
 
 
 class SceneLogic:
@@ -316,16 +348,20 @@ class SceneLogic:
         if self._detector is None or self._detector.settings != settings:
             self._detector = Detector(dataclasses.replace(settings), self._extra_dirs())
         qsm = bridge.image_from_volume_node(qsm_node)
-        flair = bridge.image_from_volume_node(flair_node) if flair_node is not None else None
+        flair = bridge.image_in_frame_of(flair_node, qsm_node) if flair_node is not None else None
+        transforms = input_transforms(qsm_node, flair_node)
+        _log_transforms(transforms)
         result = self._detector.detect(qsm, flair, progress)
         rows = bridge.rows_with_status(result.lesions, {})
         probability = bridge.add_volume_node(self.scene, result.probability, f"{qsm_node.GetName()} PRL probability")
         probability.HideFromEditorsOn()
+        if qsm_node.GetParentTransformNode() is not None:
+            probability.SetAndObserveTransformNodeID(qsm_node.GetParentTransformNode().GetID())
         review = self.show_detection(qsm_node, sitk.GetArrayFromImage(result.labels), rows)
         review.segmentation_node.SetNodeReferenceID(PROBABILITY_REFERENCE_ROLE, probability.GetID())
         bridge.place_next_to(self.scene, probability, qsm_node)
         model = {"name": result.model.name, "version": result.model.version, "path": str(result.model.path)}
-        _annotate(review.segmentation_node, settings.to_dict(), model)
+        _annotate(review.segmentation_node, settings.to_dict(), model, transforms)
         return review
 
     def show_detection(self, qsm_node, labels: np.ndarray, rows: Sequence[Mapping[str, object]]) -> LesionReview:
@@ -538,6 +574,7 @@ class SceneLogic:
             "segmentation": segmentation_node.GetName(),
             "settings": _json_attribute(segmentation_node, SETTINGS_ATTRIBUTE),
             "model": _json_attribute(segmentation_node, MODEL_ATTRIBUTE),
+            "input_transforms": _json_attribute(segmentation_node, TRANSFORMS_ATTRIBUTE) or {},
         }
         with atomic_path(paths[BURDEN_NAME]) as partial:
             partial.write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -552,7 +589,7 @@ class SceneLogic:
         kept = [s.segment_id for s in bridge.lesion_segments(segmentation_node) if s.status != bridge.REJECTED]
         mask = (bridge.labels_from_segmentation(segmentation_node, qsm_node, kept) > 0).astype(np.uint8)
         qsm = bridge.image_from_volume_node(qsm_node)
-        flair = bridge.image_from_volume_node(flair_node) if flair_node is not None else None
+        flair = bridge.image_in_frame_of(flair_node, qsm_node) if flair_node is not None else None
         return add_case(dataset_dir, qsm, mask, flair, case_id)
 
 

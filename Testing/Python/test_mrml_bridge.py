@@ -368,3 +368,142 @@ def test_lesion_ids_with_gaps_keep_their_own_voxels(scene, qsm_node, oblique_cas
     for lesion_id in (3, 7):
         exported = bridge.labels_from_segmentation(segmentation, qsm_node, [f"PRL_{lesion_id}"])
         assert np.array_equal(exported == 1, gappy == lesion_id)
+
+
+# -- transforms (a volume moved in Slicer: parent transform, or hardened into its geometry) ------------------------
+
+
+def _moving_transform(scene, name: str = "moved by the reader"):
+    """A rigid transform node: rotation about all three axes plus a translation of several voxels."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = _rotation(0.12, -0.2, 0.3)
+    matrix[:3, 3] = (5.0, -3.5, 2.25)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    return node
+
+
+def _reference_node(scene, which: str, oblique_case, flair_case):
+    """The QSM of the oblique case, or a FLAIR on its own grid, and lesion labels on that grid."""
+    if which == "qsm":
+        return bridge.add_volume_node(scene, oblique_case[0], "QSM"), oblique_case[1]
+    flair, labels = flair_case
+    return bridge.add_volume_node(scene, flair, "FLAIR"), labels
+
+
+@pytest.fixture(scope="module")
+def flair_case():
+    """A FLAIR on its own (coarser, tilted) grid, with lesion labels drawn on that grid."""
+    case = generate_case("bridge_flair", seed=5, extent_mm=48, n_prl=3, with_flair=True)
+    labels = sitk.Resample(case.gt_instances, case.flair, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    array = sitk.GetArrayFromImage(labels).astype(np.uint16)
+    assert len(np.unique(array)) > 2
+    return case.flair, array
+
+
+@pytest.mark.parametrize("which", ["qsm", "flair"])
+@pytest.mark.parametrize("hardened", [False, True], ids=["parent-transform", "hardened"])
+def test_segments_of_a_moved_volume_come_back_on_the_same_voxels(scene, oblique_case, flair_case, which, hardened):
+    reference, labels = _reference_node(scene, which, oblique_case, flair_case)
+    reference.SetAndObserveTransformNodeID(_moving_transform(scene).GetID())
+    if hardened:
+        reference.HardenTransform()
+        assert reference.GetParentTransformNode() is None
+    segmentation = bridge.segmentation_from_labels(scene, labels, reference, "PRLs")
+    lookup = np.array([0, *_ids(labels)], dtype=np.uint16)
+    assert np.array_equal(lookup[bridge.labels_from_segmentation(segmentation, reference)], labels)
+
+
+def test_segments_sit_on_the_moved_volume_in_the_world(scene, qsm_node, oblique_case):
+    """Where a lesion shows in Slicer: its segment's centre in world RAS is its voxels' centre through the transform."""
+    transform = _moving_transform(scene)
+    qsm_node.SetAndObserveTransformNodeID(transform.GetID())
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    qsm_node.GetIJKToRASMatrix(ijk_to_ras)
+    to_parent = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToParent(to_parent)
+    to_world = slicer.util.arrayFromVTKMatrix(to_parent) @ slicer.util.arrayFromVTKMatrix(ijk_to_ras)
+    for lesion_id in _ids(labels)[:2]:
+        kji = np.argwhere(labels == lesion_id).mean(axis=0)
+        expected = (to_world @ np.array([kji[2], kji[1], kji[0], 1.0]))[:3]
+        center = bridge.segment_center_ras(segmentation, f"PRL_{lesion_id}")
+        # GetSegmentCenterRAS is the centre of the bounding box, not the centroid: within a lesion's size.
+        assert np.linalg.norm(np.subtract(center, expected)) < 4.0, (center, expected)
+
+
+def test_a_segment_repainted_on_a_moved_volume_keeps_its_voxels(scene, qsm_node, oblique_case):
+    qsm_node.SetAndObserveTransformNodeID(_moving_transform(scene).GetID())
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    lesion = labels == 1
+    half = lesion.copy()
+    half.ravel()[np.flatnonzero(lesion)[: lesion.sum() // 2]] = False
+    bridge.set_segment_from_array(segmentation, "PRL_1", half, qsm_node)
+    assert np.array_equal(bridge.labels_from_segmentation(segmentation, qsm_node, ["PRL_1"]) == 1, half)
+
+
+def test_a_volume_in_the_frame_of_another_carries_the_transform_between_them_in_its_header(scene, oblique_case):
+    """A FLAIR aligned to a moved QSM: in the QSM's own frame, every voxel sits where the two transforms put it."""
+    image = oblique_case[0]
+    flair = bridge.add_volume_node(scene, image, "FLAIR")
+    qsm = bridge.add_volume_node(scene, image, "QSM")
+    qsm_move = _moving_transform(scene, "QSM placement")
+    qsm.SetAndObserveTransformNodeID(qsm_move.GetID())
+    flair_move = _moving_transform(scene, "FLAIR alignment")
+    shift = np.eye(4)
+    shift[:3, 3] = (-7.0, 2.0, 11.0)
+    to_parent = vtk.vtkMatrix4x4()
+    flair_move.GetMatrixTransformToParent(to_parent)
+    flair_move.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift @ slicer.util.arrayFromVTKMatrix(to_parent)))
+    flair.SetAndObserveTransformNodeID(flair_move.GetID())
+    before = bridge.image_from_volume_node(flair)
+
+    moved = bridge.image_in_frame_of(flair, qsm)
+
+    assert np.array_equal(sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(image)), "a rigid move interpolates nothing"
+    # (qsm transform)^-1 . shift . (qsm transform) applied to every voxel centre, in RAS.
+    expected = np.linalg.inv(slicer.util.arrayFromVTKMatrix(to_parent)) @ shift @ slicer.util.arrayFromVTKMatrix(to_parent)
+    for index in ((0, 0, 0), tuple(s - 1 for s in image.GetSize()), (3, 17, 5)):
+        lps = np.array(image.TransformIndexToPhysicalPoint(index))
+        ras = expected @ np.array([-lps[0], -lps[1], lps[2], 1.0])
+        assert np.allclose(moved.TransformIndexToPhysicalPoint(index), (-ras[0], -ras[1], ras[2]), atol=1e-6)
+    record = bridge.transform_record(flair, qsm)
+    assert record["transform"] == "FLAIR alignment" and record["relative_to"] == "QSM" and record["linear"]
+    assert np.allclose(record["matrix_ras"], expected, atol=1e-9)
+    # The reader's node is not touched.
+    after = bridge.image_from_volume_node(flair)
+    assert after.GetOrigin() == before.GetOrigin() and after.GetDirection() == before.GetDirection()
+    assert flair.GetParentTransformNode() is flair_move
+    assert bridge.image_in_frame_of(qsm, qsm).GetOrigin() == bridge.image_from_volume_node(qsm).GetOrigin()
+    assert bridge.transform_record(qsm, qsm) is None
+
+
+def test_a_non_linear_transform_is_hardened_on_a_copy(scene):
+    """A displacement-grid transform (as a deformable registration gives): Slicer resamples a temporary copy."""
+    voxels = np.zeros((20, 24, 28), np.float32)
+    voxels[8:12, 10:14, 12:16] = 1.0
+    flair = bridge.add_volume_node(scene, sitk.GetImageFromArray(voxels), "FLAIR")
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(6, 6, 6)
+    grid.SetSpacing(10, 10, 10)
+    grid.SetOrigin(-20, -20, -20)
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    grid.GetPointData().GetScalars().Fill(0.0)
+    grid.GetPointData().GetScalars().FillComponent(0, 3.0)  # 3 mm towards R everywhere
+    warp = slicer.vtkOrientedGridTransform()
+    warp.SetDisplacementGridData(grid)
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    node.SetAndObserveTransformToParent(warp)
+    flair.SetAndObserveTransformNodeID(node.GetID())
+    nodes = scene.GetNumberOfNodes()
+
+    moved = bridge.image_in_frame_of(flair, None)
+
+    assert scene.GetNumberOfNodes() == nodes
+    assert flair.GetParentTransformNode() is node and np.array_equal(slicer.util.arrayFromVolume(flair), voxels)
+    inside = np.argwhere(sitk.GetArrayFromImage(moved) > 0.5)
+    centre_lps = moved.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in inside.mean(axis=0)[::-1]))
+    assert np.allclose(centre_lps, (13.5 - 3.0, 11.5, 9.5), atol=0.51)  # R is -x in LPS
+    assert bridge.transform_record(flair)["linear"] is False
