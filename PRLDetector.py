@@ -613,13 +613,26 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.mainWindow(), _("nnU-Net raw dataset folder (created if empty)"))
         if not folder:
             return
-        caseId = qt.QInputDialog.getText(
-            slicer.util.mainWindow(), _("Add case to training set"),
-            _("Case id (letters, digits, _ and -; empty for the next free one):"))
         with slicer.util.tryWithErrorDisplay(_("The case was not added."), waitCursor=True):
             p = self._parameterNode
-            added = self.logic.addTrainingCase(p.outputSegmentation, folder, p.flairVolume, caseId.strip() or None)
+            added = self.logic.addTrainingCase(p.outputSegmentation, folder, p.flairVolume, askCaseId=self.askCaseId)
+            if added is None:
+                slicer.util.showStatusMessage(_("Cancelled: no case was added."), 3000)
+                return
             slicer.util.showStatusMessage(_("Added case {case} to {folder}").format(case=added, folder=folder), 5000)
+
+    def askCaseId(self, suggested: str) -> str | None:
+        """The case id the reader wants (the next free one offered), or None on Cancel.
+
+        Not the static getText: in PythonQt it returns "" on Cancel, which would read as "the next free id".
+        """
+        dialog = qt.QInputDialog(slicer.util.mainWindow())
+        dialog.setWindowTitle(_("Add case to training set"))
+        dialog.setLabelText(_("Case id (letters, digits, _ and -):"))
+        dialog.setTextValue(suggested)
+        if dialog.exec_() != qt.QDialog.Accepted:
+            return None
+        return dialog.textValue().strip() or suggested
 
     def onLoadGroundTruth(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
@@ -739,8 +752,9 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
     def export(self, segmentationNode, folder, overwrite: bool = False):
         return self.core.export(segmentationNode, folder, overwrite)
 
-    def addTrainingCase(self, segmentationNode, datasetFolder, flairNode=None, caseId=None):
-        return self.core.add_training_case(segmentationNode, datasetFolder, flairNode, caseId)
+    def addTrainingCase(self, segmentationNode, datasetFolder, flairNode=None, caseId=None, askCaseId=None):
+        """Returns the case id added, or None when ``askCaseId`` (given the next free id) returned None."""
+        return self.core.add_training_case(segmentationNode, datasetFolder, flairNode, caseId, askCaseId)
 
     def loadGroundTruth(self, path, qsmNode, connectivity: int = 26):
         return self.core.load_ground_truth(path, qsmNode, connectivity)

@@ -581,11 +581,23 @@ class SceneLogic:
         logger.info("Exported the review of '%s' to %s", segmentation_node.GetName(), out_dir)
         return paths
 
-    def add_training_case(self, segmentation_node, dataset_dir: str | Path, flair_node=None, case_id: str | None = None) -> str:
-        """Add the QSM (+FLAIR) and the reviewed mask (rejected lesions left out) to an nnU-Net raw dataset."""
-        from PRLDetectorLib.training.dataset import add_case
+    def add_training_case(
+        self, segmentation_node, dataset_dir: str | Path, flair_node=None, case_id: str | None = None,
+        ask_case_id: Callable[[str], str | None] | None = None,
+    ) -> str | None:
+        """Add the QSM (+FLAIR) and the reviewed mask (rejected lesions left out) to an nnU-Net raw dataset.
+
+        ``case_id`` None takes the next free id. ``ask_case_id`` (the panel's question) is given that id and
+        returns the one to use, or None when the reader cancels: then nothing is written and None returned.
+        """
+        from PRLDetectorLib.training.dataset import add_case, next_case_id
 
         qsm_node = self._reference(segmentation_node)
+        if ask_case_id is not None:
+            case_id = ask_case_id(case_id or next_case_id(dataset_dir))
+            if case_id is None:
+                logger.info("Adding the case to '%s' was cancelled; nothing was written.", dataset_dir)
+                return None
         kept = [s.segment_id for s in bridge.lesion_segments(segmentation_node) if s.status != bridge.REJECTED]
         mask = (bridge.labels_from_segmentation(segmentation_node, qsm_node, kept) > 0).astype(np.uint8)
         qsm = bridge.image_from_volume_node(qsm_node)

@@ -293,6 +293,28 @@ def test_a_reviewed_case_joins_an_nnunet_training_set_without_rejected_lesions(l
     assert (tmp_path / "Dataset" / "imagesTr" / f"{case_id}_0000.nii.gz").is_file()
 
 
+def test_cancelling_the_case_id_question_adds_nothing(logic, review, tmp_path):
+    asked = []
+
+    def cancel(suggested: str) -> None:
+        asked.append(suggested)
+        return None
+
+    assert logic.add_training_case(review.segmentation_node, tmp_path / "Dataset", ask_case_id=cancel) is None
+    assert asked == ["case_0000"]
+    assert not (tmp_path / "Dataset").exists()
+
+
+def test_the_case_id_question_offers_the_next_free_id_and_takes_the_readers_answer(logic, review, tmp_path):
+    dataset = tmp_path / "Dataset"
+    first = logic.add_training_case(review.segmentation_node, dataset, ask_case_id=lambda suggested: suggested)
+    asked = []
+    second = logic.add_training_case(
+        review.segmentation_node, dataset, ask_case_id=lambda suggested: asked.append(suggested) or "reader-7")
+    assert (first, asked, second) == ("case_0000", ["case_0001"], "reader-7")
+    assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["case_0000.nii.gz", "reader-7.nii.gz"]
+
+
 # -- detection in a child process -------------------------------------------------------------------------------------
 
 

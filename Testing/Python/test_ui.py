@@ -243,3 +243,14 @@ def test_the_build_lists_the_module_its_library_and_its_resources():
                  "Resources/Icons/", "Resources/Models/", "EXTENSION_CATEGORY \"Segmentation\"", "add_subdirectory(Testing)"):
         assert text in top, text
     assert "slicer_add_python_unittest" in (REPO / "Testing" / "CMakeLists.txt").read_text(encoding="utf-8")
+
+
+def test_the_case_id_dialog_tells_cancel_from_an_empty_answer(module_tree, module_source):
+    """PythonQt's QInputDialog.getText returns "" on Cancel, which the Logic reads as "the next free id": the
+    widget asks with a dialog whose result it checks, and the Logic adds nothing when the answer is None."""
+    assert "QInputDialog.getText" not in module_source
+    widget = _class(module_tree, "PRLDetectorWidget")
+    methods = {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
+    assert "askCaseId=self.askCaseId" in methods["onAddTrainingCase"]
+    assert "if added is None" in methods["onAddTrainingCase"]
+    assert "exec_() != qt.QDialog.Accepted" in methods["askCaseId"] and "return None" in methods["askCaseId"]
