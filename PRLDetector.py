@@ -28,11 +28,12 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 from vtkSlicerSegmentationsModuleMRMLPython import vtkMRMLSegmentationNode
 
+from PRLDetectorLib.detection.headers import FILE_ONLY
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.settings import CONNECTIVITIES, DEVICES, DetectionSettings
 
 LIB_MODULES = (
-    "errors", "settings", "results", "progress", "mrml.process", "detection.models", "detection.images",
+    "errors", "settings", "results", "progress", "detection.headers", "mrml.process", "detection.models", "detection.images",
     "detection.lesions", "detection.features", "detection.burden", "exports.segments", "detection.registration",
     "detection.inference", "cohort.evaluation", "detection.pipeline", "training.dataset", "phantom.anatomy",
     "phantom.lesions", "phantom.phantom", "training.training", "cohort.bids", "cohort.batch", "exports.dicom_seg",
@@ -362,13 +363,23 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.logic.linkedTable(segmentation)
         if p and table is not p.lesionTable:
             p.lesionTable = table
-        if self.ui.lesionTableView.mrmlTableNode() is not table:
-            self.ui.lesionTableView.setMRMLTableNode(table)
+        self.showLesionTable(table)
         for button in (self.ui.updateBurdenButton, self.ui.editSegmentsButton, self.ui.exportButton,
                        self.ui.addTrainingCaseButton, self.ui.splitSegmentationButton):
             button.enabled = segmentation is not None and not running
         self.showBurden(self.burdenOrNone(segmentation, table))
         self.updateStatusButtons()
+
+    def showLesionTable(self, table) -> None:
+        """The lesion table under the reader's headers (set by the Logic), its file-only columns hidden:
+        LPS copies of the RAS centre and voxel-index boxes stay in lesions.csv and in the node for scripts."""
+        view = self.ui.lesionTableView
+        if view.mrmlTableNode() is not table:
+            view.setMRMLTableNode(table)
+        if table is None:
+            return
+        for index in range(table.GetNumberOfColumns()):
+            view.setColumnHidden(index, table.GetColumnName(index) in FILE_ONLY)
 
     def burdenOrNone(self, segmentation, table):
         if segmentation is None or table is None:
@@ -577,6 +588,7 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Could not change the lesion's status.")):
             self.showBurden(self.logic.setStatus(self._parameterNode.outputSegmentation, lesionId, status))
+            self.showLesionTable(self._parameterNode.lesionTable)
 
     def onEditSegments(self) -> None:
         segmentation = self._parameterNode.outputSegmentation

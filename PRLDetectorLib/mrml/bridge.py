@@ -27,6 +27,7 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
+from PRLDetectorLib.detection import headers
 from PRLDetectorLib.detection.burden import Burden, compute_burden
 from PRLDetectorLib.detection.features import LESION_COLUMNS, LesionFeatures
 from PRLDetectorLib.errors import InputError
@@ -35,9 +36,10 @@ from PRLDetectorLib.exports.segments import PRL_TERMINOLOGY, segment_color, segm
 logger = logging.getLogger(__name__)
 
 STATUS_COLUMN = "status"
-TABLE_COLUMNS: tuple[str, ...] = (LESION_COLUMNS[0], STATUS_COLUMN, *LESION_COLUMNS[1:])
-"""The lesion table node: the columns of ``lesions.csv`` and the reader's verdict, shown next to the lesion id
-(a narrow panel shows the first columns)."""
+TABLE_COLUMNS: tuple[str, ...] = headers.view_order((*LESION_COLUMNS, STATUS_COLUMN))
+"""The lesion table node: the columns of ``lesions.csv`` and the reader's verdict, in the order the reader
+reads them (:mod:`~PRLDetectorLib.detection.headers`), the file-only ones last; a model's PRL probability
+and uncertainty join them when the rows have them."""
 CSV_COLUMNS: tuple[str, ...] = (*LESION_COLUMNS, STATUS_COLUMN)
 """An exported ``lesions.csv``: the detection's columns in their order, the verdict appended."""
 
@@ -54,7 +56,6 @@ SURFACE_SEGMENT_LIMIT = 300
 that many "lesions" means a threshold or a model gone wrong rather than a case to look at in 3D."""
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
-_UNITS = {"volume_mm3": "mm³", "probability_mean": "", "paramagnetic_edge_fraction": ""}
 
 
 # -- volumes ------------------------------------------------------------------------------------------
@@ -563,7 +564,28 @@ def _lesion_column_types() -> dict[str, type]:
     return types
 
 
-COLUMN_TYPES: dict[str, type] = {**_lesion_column_types(), STATUS_COLUMN: str}
+COLUMN_TYPES: dict[str, type] = {
+    **{column: float for column in headers.OPTIONAL_COLUMNS}, **_lesion_column_types(), STATUS_COLUMN: str
+}
+
+
+def table_columns(rows: Sequence[Mapping[str, object]]) -> tuple[str, ...]:
+    """The table node's columns for these rows: :data:`TABLE_COLUMNS` and the optional ones they hold."""
+    return headers.view_order((*TABLE_COLUMNS, *headers.present_optional_columns(rows)))
+
+
+def csv_columns(rows: Sequence[Mapping[str, object]]) -> tuple[str, ...]:
+    """An exported ``lesions.csv``'s columns: :data:`CSV_COLUMNS`, the optional ones the rows hold before the
+    verdict."""
+    extra = [c for c in headers.present_optional_columns(rows) if c not in CSV_COLUMNS]
+    return (*CSV_COLUMNS[:-1], *extra, STATUS_COLUMN)
+
+
+def _number(value: object) -> float:
+    try:
+        return float(value)  # lesions.csv gives extra columns as text; an empty cell is "not measured"
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def lesion_from_row(row: Mapping[str, object]) -> LesionFeatures:
@@ -582,11 +604,18 @@ def lesion_from_row(row: Mapping[str, object]) -> LesionFeatures:
 
 
 def lesion_table_node(scene, rows: Sequence[Mapping[str, object]], name: str, table_node=None):
-    """Fill (or create) a table node with the lesion rows: the lesions.csv columns and ``status``."""
+    """Fill (or create) a table node with the lesion rows: the lesions.csv columns and ``status``.
+
+    Columns keep their machine names (scripts and exports read them); the table shows the reader's headers
+    (:mod:`~PRLDetectorLib.detection.headers`) and, when the rows have a PRL probability, the most probable
+    lesion first.
+    """
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    columns = table_columns(rows)
+    rows = headers.view_rows(rows)
     table = vtk.vtkTable()
-    for column in TABLE_COLUMNS:
+    for column in columns:
         kind = COLUMN_TYPES[column]
         array = vtk.vtkStringArray() if kind is str else vtk.vtkIntArray() if kind is int else vtk.vtkDoubleArray()
         array.SetName(column)
@@ -598,15 +627,16 @@ def lesion_table_node(scene, rows: Sequence[Mapping[str, object]], name: str, ta
             elif kind is int:
                 array.SetValue(index, int(value))
             else:
-                array.SetValue(index, float(value))
+                array.SetValue(index, _number(value))
         table.AddColumn(array)
     was_modifying = table_node.StartModify()
     table_node.SetAndObserveTable(table)
     table_node.SetUseColumnTitleAsColumnHeader(True)
-    for column in TABLE_COLUMNS:
-        unit = _UNITS.get(column, "mm" if column.endswith("_mm") else "ppm" if column.endswith("_ppm") else "")
-        if unit:
-            table_node.SetColumnUnitLabel(column, unit)
+    for column in columns:
+        table_node.SetColumnTitle(column, headers.header(column))
+        table_node.SetColumnDescription(column, f"{column} in lesions.csv")  # the header's tooltip
+        if headers.unit(column):
+            table_node.SetColumnUnitLabel(column, headers.unit(column))
     # Statuses change through Confirm/Reject so that the segment tags stay the truth; measurements are
     # measurements. Nobody types into this table.
     table_node.SetLocked(True)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from PRLDetectorLib.detection import headers
 from PRLDetectorLib.detection.burden import Burden
 from PRLDetectorLib.detection.features import format_cell, measure_lesions, read_lesions_csv
 from PRLDetectorLib.detection.lesions import find_lesions
@@ -422,9 +423,13 @@ class SceneLogic:
                 continue
             row = {**dataclasses.replace(lesion, lesion_id=segment.lesion_id).as_row(), bridge.STATUS_COLUMN: segment.status}
             old = previous.get(segment.lesion_id)
-            if probability is None and old is not None and _same_voxels(old, row):
+            untouched = old is not None and _same_voxels(old, row)
+            if probability is None and untouched:
                 # Without the probability map an untouched lesion keeps the value detection measured.
                 row["probability_mean"] = old.get("probability_mean", math.nan)
+            for column in headers.present_optional_columns(list(previous.values())):
+                # The model's verdict on a lesion holds while the lesion is the one it judged.
+                row[column] = old.get(column, math.nan) if untouched else math.nan
             rows.append(row)
 
         if table_node is None:
@@ -551,7 +556,8 @@ class SceneLogic:
         review = self.update_burden(segmentation_node)
         qsm_node = self._reference(segmentation_node)
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows = bridge.rows_from_table(review.table_node)
+        # Files keep lesion order (the panel may show the most probable PRL first).
+        rows = sorted(bridge.rows_from_table(review.table_node), key=lambda row: int(row["lesion_id"]))
 
         with atomic_path(paths[LESIONS_NAME]) as partial:
             _write_rows_csv(partial, rows)
@@ -616,11 +622,12 @@ def _same_voxels(old: Mapping[str, object], new: Mapping[str, object]) -> bool:
 
 def _write_rows_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
     """The lesions.csv layout (NaN as an empty cell) with the reader's status as the last column."""
+    columns = bridge.csv_columns(rows)
     with path.open("w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=bridge.CSV_COLUMNS)
+        writer = csv.DictWriter(stream, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({column: format_cell(column, row.get(column, "")) for column in bridge.CSV_COLUMNS})
+            writer.writerow({column: format_cell(column, row.get(column, "")) for column in columns})
 
 
 def _json_attribute(node, name: str):

@@ -297,7 +297,7 @@ def test_lesion_rows_round_trip_through_a_table_node_with_their_types(scene, qsm
     rows = _rows(qsm_node, oblique_case[1], {2: bridge.REJECTED})
     table = bridge.lesion_table_node(scene, rows, "lesions")
     columns = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
-    assert columns == ["lesion_id", "status", *LESION_COLUMNS[1:]]
+    assert columns == list(bridge.TABLE_COLUMNS) and sorted(columns) == sorted([*LESION_COLUMNS, "status"])
     assert table.GetNumberOfRows() == len(rows)
     assert table.GetTable().GetColumnByName("lesion_id").IsA("vtkIntArray")
     assert table.GetTable().GetColumnByName("volume_mm3").IsA("vtkDoubleArray")
@@ -507,3 +507,53 @@ def test_a_non_linear_transform_is_hardened_on_a_copy(scene):
     centre_lps = moved.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in inside.mean(axis=0)[::-1]))
     assert np.allclose(centre_lps, (13.5 - 3.0, 11.5, 9.5), atol=0.51)  # R is -x in LPS
     assert bridge.transform_record(flair)["linear"] is False
+
+
+# -- the lesion table as the reader sees it ------------------------------------------------------------------------
+
+
+def _titles(table) -> dict[str, str]:
+    return {table.GetColumnName(i): table.GetColumnTitle(table.GetColumnName(i)) for i in range(table.GetNumberOfColumns())}
+
+
+def test_the_panel_table_shows_readers_headers_and_ras_first_while_columns_keep_machine_names(scene, qsm_node, oblique_case):
+    from PRLDetectorLib.detection import headers
+
+    table = bridge.lesion_table_node(scene, _rows(qsm_node, oblique_case[1]), "lesions")
+    titles = _titles(table)
+    assert set(titles) == set(LESION_COLUMNS) | {"status"}, "the node keeps every machine column for scripts"
+    assert table.GetUseColumnTitleAsColumnHeader()
+    assert titles["volume_mm3"] == "Volume (mm³)" and titles["paramagnetic_edge_fraction"] == "Rim coverage"
+    assert titles["centroid_ras_x_mm"] == "Centre R (mm)" and titles["lesion_id"] == "PRL"
+    assert all(title != name for name, title in titles.items()), "a column shows its machine name"
+    shown = [name for name in titles if name not in headers.FILE_ONLY]
+    assert shown[:3] == ["lesion_id", "status", "volume_mm3"]
+    assert {"centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm"} <= set(shown)
+    assert not any("lps" in name for name in shown)
+    # The file-only columns come last, so a narrow panel (or one that hides them) shows the reader's columns.
+    names = list(titles)
+    assert names[len(shown):] == [c for c in names if c in headers.FILE_ONLY]
+    assert table.GetColumnUnitLabel("volume_mm3") == "mm³" and "volume_mm3" in table.GetColumnDescription("volume_mm3")
+
+
+def test_prl_probability_and_uncertainty_are_shown_when_present_and_sort_the_table(scene, qsm_node, oblique_case):
+    rows = _rows(qsm_node, oblique_case[1])
+    probabilities = {1: "0.35", 2: "0.9", 3: ""}  # as lesions.csv gives them to the reader (text; empty = none)
+    with_probability = [
+        {**row, "prl_probability": probabilities.get(row["lesion_id"], "0.6"), "prl_uncertainty": "0.05"} for row in rows
+    ]
+    table = bridge.lesion_table_node(scene, with_probability, "lesions")
+    titles = _titles(table)
+    assert titles["prl_probability"] == "PRL probability" and titles["prl_uncertainty"] == "Uncertainty (±)"
+    assert list(titles)[2:4] == ["prl_probability", "prl_uncertainty"]
+    assert table.GetTable().GetColumnByName("prl_probability").IsA("vtkDoubleArray")
+    back = bridge.rows_from_table(table)
+    ids = [r["lesion_id"] for r in back]
+    assert ids[0] == 2 and ids[-1] == 3, "most probable first, lesions without a probability last"
+    values = [r["prl_probability"] for r in back]
+    assert values[:-1] == sorted(values[:-1], reverse=True) and math.isnan(values[-1])
+    assert all(r["prl_uncertainty"] == pytest.approx(0.05) for r in back)
+    # Without those columns (today's models) the table has none and keeps the lesions' order.
+    plain = bridge.lesion_table_node(scene, rows, "plain")
+    assert "prl_probability" not in _titles(plain)
+    assert [r["lesion_id"] for r in bridge.rows_from_table(plain)] == [r["lesion_id"] for r in rows]

@@ -158,6 +158,41 @@ def test_detection_rows_from_lesions_csv_keep_their_probability_until_the_lesion
     assert all(rows[i]["probability_mean"] == pytest.approx(0.8) for i in rows if i != 1)
 
 
+def test_a_models_prl_probability_orders_the_review_survives_updates_of_untouched_lesions_and_is_exported(
+    logic, qsm_node, phantom_dir, tmp_path
+):
+    qsm = bridge.image_from_volume_node(qsm_node)
+    labels = _components(phantom_dir, qsm_node)
+    write_lesions_csv(tmp_path / "lesions.csv", measure_lesions(labels, sitk.GetArrayViewFromImage(qsm), qsm))
+    # A model with a lesion classifier adds its columns to lesions.csv.
+    lines = (tmp_path / "lesions.csv").read_text(encoding="utf-8").splitlines()
+    probability = {i: round(0.3 + 0.2 * i, 2) for i in range(1, int(labels.max()) + 1)}
+    lines = [lines[0] + ",prl_probability,prl_uncertainty"] + [
+        f"{line},{probability[int(line.split(',')[0])]},0.04" for line in lines[1:]]
+    (tmp_path / "lesions.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    review = logic.show_detection(qsm_node, labels, read_lesions_csv(tmp_path / "lesions.csv"))
+    table = review.table_node
+    assert table.GetColumnTitle("prl_probability") == "PRL probability"
+    shown = [r["lesion_id"] for r in bridge.rows_from_table(table)]
+    assert shown == sorted(probability, key=probability.get, reverse=True)
+
+    segmentation = review.segmentation_node
+    edited = bridge.segment_id_of_lesion(segmentation, 1)
+    mask = bridge.labels_from_segmentation(segmentation, qsm_node, [edited]) > 0
+    mask.ravel()[np.flatnonzero(mask)[:1]] = False
+    bridge.set_segment_from_array(segmentation, edited, mask, qsm_node)
+    rows = _rows_by_id(logic.update_burden(segmentation).table_node)
+    assert math.isnan(rows[1]["prl_probability"]), "an edited lesion was not classified again"
+    assert all(rows[i]["prl_probability"] == pytest.approx(probability[i]) for i in rows if i != 1)
+    assert [r["lesion_id"] for r in bridge.rows_from_table(table)][-1] == 1
+
+    paths = logic.export(segmentation, tmp_path / "out")
+    lines = paths["lesions.csv"].read_text(encoding="utf-8").splitlines()
+    assert lines[0].split(",") == [*LESION_COLUMNS, "prl_probability", "prl_uncertainty", "status"]
+    assert [int(line.split(",")[0]) for line in lines[1:]] == sorted(probability), "files stay in lesion order"
+
+
 def test_a_segment_in_two_pieces_stays_one_lesion(logic, review, qsm_node):
     segmentation = review.segmentation_node
     before = _rows_by_id(review.table_node)

@@ -254,3 +254,11 @@ def test_the_case_id_dialog_tells_cancel_from_an_empty_answer(module_tree, modul
     assert "askCaseId=self.askCaseId" in methods["onAddTrainingCase"]
     assert "if added is None" in methods["onAddTrainingCase"]
     assert "exec_() != qt.QDialog.Accepted" in methods["askCaseId"] and "return None" in methods["askCaseId"]
+
+
+def test_the_panel_hides_the_file_only_columns(module_tree):
+    """The widget hides what headers.FILE_ONLY names (LPS copies, voxel-index boxes) in the panel's table view."""
+    widget = _class(module_tree, "PRLDetectorWidget")
+    methods = {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
+    assert "setColumnHidden" in methods["showLesionTable"] and "FILE_ONLY" in methods["showLesionTable"]
+    assert "self.showLesionTable(table)" in methods["onParameterNodeModified"]
