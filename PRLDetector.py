@@ -5,11 +5,11 @@ This file is wiring: the panel, the parameter node and a Logic that delegates to
 """
 
 import importlib
-import importlib.util
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -28,12 +28,13 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 from vtkSlicerSegmentationsModuleMRMLPython import vtkMRMLSegmentationNode
 
+from PRLDetectorLib.dependencies import MINIMUM_SLICER_VERSION
 from PRLDetectorLib.detection.headers import FILE_ONLY
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.settings import CONNECTIVITIES, DEVICES, DetectionSettings
 
 LIB_MODULES = (
-    "errors", "settings", "results", "progress", "detection.headers", "mrml.process", "detection.models", "detection.images",
+    "errors", "settings", "dependencies", "results", "progress", "detection.headers", "mrml.process", "detection.models", "detection.images",
     "detection.lesions", "detection.features", "detection.burden", "exports.segments", "detection.registration",
     "detection.inference", "cohort.evaluation", "detection.pipeline", "training.dataset", "phantom.anatomy",
     "phantom.lesions", "phantom.phantom", "training.training", "cohort.bids", "cohort.batch", "exports.dicom_seg",
@@ -42,19 +43,18 @@ LIB_MODULES = (
 """Library submodules in dependency order, for reloading; modules not imported are skipped, and loaded
 modules missing from this list are reloaded after it."""
 
-REQUIREMENTS = (
-    ("nnunetv2", "nnunetv2==2.8.1"),
-    ("SimpleITK", "SimpleITK>=2.3"),
-    ("nibabel", "nibabel>=5.0"),
-    ("numpy", "numpy>=1.24"),
-    ("scipy", "scipy>=1.10"),
-    ("cc3d", "connected-components-3d>=3.12"),
-    ("nilearn", "nilearn>=0.11"),
-    ("slicerio", "slicerio>=1.1"),
-    ("tqdm", "tqdm>=4.60"),
-)
-"""(import name, pip requirement) of what Slicer runs of the library (detection, review, the phantom), pinned
-as in pyproject.toml. PyTorch comes through the PyTorch extension instead."""
+
+def checkSlicerVersion(major: int, minor: int) -> None:
+    """Refuse a Slicer older than the library supports, saying which one it needs: called on import, before a
+    definition below fails on an older Python with a message that says nothing."""
+    if (major, minor) < MINIMUM_SLICER_VERSION:
+        raise RuntimeError(
+            "PRL Detector needs 3D Slicer {}.{} or later (this is {}.{}); install a newer Slicer.".format(
+                *MINIMUM_SLICER_VERSION, major, minor)
+        )
+
+
+checkSlicerVersion(int(slicer.app.majorVersion), int(slicer.app.minorVersion))
 
 PAPER_TITLE = "Deep Learning-Based Automated Detection and Burden Assessment of Paramagnetic Rim Lesions on QSM in MS"
 PAPER = f"Jeong E, Seo D, Moon HH, Yun H, Choi Y, Lee EJ. {PAPER_TITLE}. 2026."
@@ -127,50 +127,61 @@ def loadPhantomSample(source=None):
 #
 
 
-def missingRequirements() -> list[str]:
-    return [requirement for module, requirement in REQUIREMENTS if importlib.util.find_spec(module) is None]
-
-
 def ensureDependencies() -> bool:
-    """Offer to install what the library needs; False when the user declines."""
-    missing = missingRequirements()
-    torchMissing = importlib.util.find_spec("torch") is None
-    if not missing and not torchMissing:
+    """Offer to install what the library needs (the plan of :mod:`PRLDetectorLib.dependencies`); False when the
+    user declines. PyTorch comes through the PyTorch extension, nnU-Net pinned and without its dependencies,
+    the rest only where missing or too old, never replacing what Slicer ships."""
+    from PRLDetectorLib.dependencies import install_plan, installed_versions
+
+    plan = install_plan(installed_versions())
+    for conflict in plan.conflicts:
+        logging.warning("Slicer's own package does not meet PRL Detector's requirement %s; it is left as it is.", conflict)
+    if plan.empty:
         return True
-    names = (["PyTorch"] if torchMissing else []) + missing
+    lines = plan.describe()
     if not slicer.util.confirmOkCancelDisplay(
-        _("PRL Detector needs Python packages that are not installed yet:\n\n{names}\n\n"
-          "Install them now? This downloads up to a few GB and takes several minutes.").format(names="\n".join(names)),
+        _("PRL Detector needs Python packages that are not installed yet (or not in the version it needs):\n\n{names}"
+          "\n\nInstall them now? This downloads up to a few GB and takes several minutes.").format(names="\n".join(lines)),
         windowTitle=_("Install PRL Detector dependencies"),
     ):
         return False
     try:
         with slicer.util.WaitCursor():
-            if torchMissing:
-                _installTorch()
-            if missing:
-                slicer.util.pip_install(missing)
+            if plan.torch is not None:
+                _installTorch(plan.torch)
+                importlib.invalidate_caches()
+                plan = install_plan(installed_versions())  # pins the torch just installed
+            with tempfile.TemporaryDirectory() as folder:
+                constraints = Path(folder) / "constraints.txt"
+                constraints.write_text("\n".join(plan.constraints) + "\n", encoding="utf-8")
+                for arguments in plan.pip_arguments(str(constraints)):
+                    logging.info("pip install %s", " ".join(arguments))
+                    slicer.util.pip_install(arguments)
+    except InputError:
+        raise
     except Exception as error:
-        logging.error("Installing %s failed: %s", names, error)
+        logging.error("Installing %s failed: %s", lines, error)
         raise InputError(
-            _("Could not install {names}: this computer seems to be offline or the package index is not reachable. "
-              "Connect to the internet and try again, or install the packages from wheel files with "
-              "PythonSlicer -m pip install <wheels>.").format(names=", ".join(names))
+            _("Could not install {names} ({error}). If this computer is offline or the package index is not "
+              "reachable, connect and try again, or install the packages from wheel files with "
+              "PythonSlicer -m pip install <wheels>.").format(names=", ".join(lines), error=error)
         ) from None
     importlib.invalidate_caches()
     return True
 
 
-def _installTorch() -> None:
+def _installTorch(versionRequirement: str) -> None:
+    """PyTorch through PyTorch Utils (the PyTorch extension), which picks the build for this computer's GPU."""
     try:
         import PyTorchUtils
     except ImportError:
-        # Without the PyTorch extension, pip's default build (CPU, or CUDA on Linux) is what we can get.
-        slicer.util.pip_install("torch")
-        return
+        raise InputError(
+            _("PRL Detector installs PyTorch through the PyTorch extension, which is not installed. Install "
+              "'PyTorch' from the Extensions Manager, restart Slicer, and press Detect PRLs again.")
+        ) from None
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=False) is None:
-        raise RuntimeError("the PyTorch extension could not install PyTorch")
+    if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=versionRequirement) is None:
+        raise RuntimeError(f"the PyTorch extension could not install torch{versionRequirement}")
 
 
 #
