@@ -95,31 +95,33 @@ class PRLDetector(ScriptedLoadableModule):
 
 
 def registerSampleData():
+    """Register "PRLPhantom" so that SampleData's own download (its button and ``downloadSample("PRLPhantom")``)
+    generates the phantom on first use and loads it; see PRLDetectorLib/phantom/sample.py."""
     import SampleData
 
-    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="PRL Detector",
-        sampleName="PRLPhantom",
-        thumbnailFileName=os.path.join(iconsPath, "PRLDetector.png"),
-        # Nothing to download: the custom downloader generates the case, so the lists are empty.
-        uris=[],
-        fileNames=[],
-        nodeNames=[],
-        customDownloader=loadPhantomSample,
+    from PRLDetectorLib.phantom.sample import SAMPLE_NAME, sample_source_arguments
+
+    class PhantomSampleSource(SampleData.SampleDataSource):
+        def __str__(self):
+            # SampleData compares sources by their text, which would list (and so generate) the files.
+            return f"{SAMPLE_NAME}: a phantom patient generated on this computer by PRL Detector"
+
+    source = PhantomSampleSource(
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "PRLDetector.png"),
+        **sample_source_arguments(sampleCacheDirectory(), before=requireDependencies),
     )
+    category = SampleData.SampleDataLogic.sampleDataSourcesByCategory().setdefault("PRL Detector", [])
+    if not any(registered.sampleName == SAMPLE_NAME for registered in category):
+        category.append(source)
 
 
-def loadPhantomSample(source=None):
-    """Generate (once, into the cache folder) and load a phantom QSM with known PRLs."""
-    with slicer.util.tryWithErrorDisplay(_("Could not create the phantom case."), waitCursor=True):
-        if not ensureDependencies():
-            return None
-        cacheDir = Path(slicer.app.cachePath) / "PRLDetector"
-        phantom = PRLDetectorLogic().loadPhantomCase(cacheDir)
-        slicer.util.setSliceViewerLayers(background=phantom.qsm_node, fit=True)
-        return [node for node in (phantom.qsm_node, phantom.flair_node) if node is not None]
-    return None
+def sampleCacheDirectory() -> Path:
+    return Path(slicer.app.cachePath) / "PRLDetector"
+
+
+def requireDependencies() -> None:
+    if not ensureDependencies():
+        raise InputError(_("PRL Detector's Python packages are needed to make the phantom; install them to load it."))
 
 
 #
@@ -785,6 +787,13 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
     def splitSegmentation(self, segmentationNode, qsmNode, connectivity: int = 26):
         return self.core.split_segmentation(segmentationNode, qsmNode, connectivity)
 
+    def loadSampleCase(self):
+        """The sample data "PRLPhantom" (QSM + FLAIR with known PRLs), made on this computer the first time;
+        the same case ``SampleData.downloadSample("PRLPhantom")`` loads."""
+        if not ensureDependencies():
+            return None
+        return self.core.load_sample_case(sampleCacheDirectory())
+
     def loadPhantomCase(self, folder, seed: int = 0, withFlair: bool = True, extentMm=None):
         """A phantom QSM (+FLAIR) with known PRLs, generated locally; ``.ground_truth_path`` is its PRL mask."""
         return self.core.load_phantom_case(folder, seed, withFlair, extentMm)
@@ -816,6 +825,18 @@ class PRLDetectorTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_review_of_a_phantom_case()
+        self.setUp()
+        self.test_the_sample_phantom_loads_from_code()
+
+    def test_the_sample_phantom_loads_from_code(self):
+        import SampleData
+
+        self.delayDisplay("SampleData.downloadSample('PRLPhantom')")
+        registerSampleData()
+        qsm = SampleData.downloadSample("PRLPhantom")
+        self.assertEqual(qsm.GetName(), "PRLPhantom QSM")
+        self.assertIsNotNone(slicer.util.getFirstNodeByName("PRLPhantom FLAIR"))
+        self.assertGreater(float(slicer.util.arrayFromVolume(qsm).max()), 0.0)
 
     def test_review_of_a_phantom_case(self):
         import tempfile

@@ -523,14 +523,9 @@ class SceneLogic:
     ) -> PhantomNodes:
         """Load a phantom case with known PRLs, generated on this computer the first time (nothing is downloaded)."""
         from PRLDetectorLib.detection.images import read_image
-        from PRLDetectorLib.phantom.phantom import generate_case, write_case
+        from PRLDetectorLib.phantom.sample import generated_case
 
-        case_dir = Path(folder) / case_id
-        if not (case_dir / "truth.json").is_file():
-            logger.info("Generating the phantom case '%s' (seed %d) in %s", case_id, seed, case_dir)
-            if case_dir.exists():
-                shutil.rmtree(case_dir)
-            write_case(generate_case(case_id, seed, with_flair=with_flair, extent_mm=extent_mm), Path(folder))
+        case_dir = generated_case(folder, case_id, seed, with_flair, extent_mm)
         qsm_node = bridge.add_volume_node(self.scene, read_image(case_dir / "qsm.nii.gz", "QSM"), f"{case_id} QSM")
         flair_node = None
         if (case_dir / "flair.nii.gz").is_file():
@@ -538,6 +533,12 @@ class SceneLogic:
         truth = json.loads((case_dir / "truth.json").read_text(encoding="utf-8"))
         logger.info("Phantom '%s': %d PRL(s); ground truth in %s", case_id, truth.get("prl_count", 0), case_dir / "gt_prl.nii.gz")
         return PhantomNodes(qsm_node, flair_node, case_dir / "gt_prl.nii.gz", truth)
+
+    def load_sample_case(self, folder: str | Path, extent_mm: float | None = None) -> PhantomNodes:
+        """The sample data "PRLPhantom" (QSM + FLAIR, the same case SampleData loads), from ``folder``."""
+        from PRLDetectorLib.phantom.sample import SAMPLE_NAME, SAMPLE_SEED
+
+        return self.load_phantom_case(folder, SAMPLE_SEED, True, extent_mm, SAMPLE_NAME)
 
     # -- export ---------------------------------------------------------------------------------------------
 

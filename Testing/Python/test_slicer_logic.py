@@ -273,6 +273,18 @@ def test_an_empty_mask_is_refused(logic, qsm_node, tmp_path):
         logic.load_ground_truth(tmp_path / "empty.nii.gz", qsm_node)
 
 
+def test_the_sample_case_loads_as_qsm_and_flair_nodes_with_its_ground_truth_and_is_made_once(logic, tmp_path):
+    sample = logic.load_sample_case(tmp_path / "cache", extent_mm=48)
+    assert sample.qsm_node.GetName() == "PRLPhantom QSM" and sample.flair_node.GetName() == "PRLPhantom FLAIR"
+    assert sample.ground_truth_path.is_file() and sample.truth["prl_count"] >= 0
+    assert slicer.util.arrayFromVolume(sample.qsm_node).shape == sitk.GetArrayFromImage(
+        sitk.ReadImage(str(sample.ground_truth_path))).shape
+    stamp = (tmp_path / "cache" / "PRLPhantom" / "qsm.nii.gz").stat().st_mtime_ns
+    again = logic.load_sample_case(tmp_path / "cache", extent_mm=48)
+    assert (tmp_path / "cache" / "PRLPhantom" / "qsm.nii.gz").stat().st_mtime_ns == stamp
+    assert again.qsm_node is not sample.qsm_node
+
+
 # -- export and training set ----------------------------------------------------------------------------------------
 
 

@@ -278,3 +278,16 @@ def test_the_panel_hides_the_file_only_columns(module_tree):
     methods = {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
     assert "setColumnHidden" in methods["showLesionTable"] and "FILE_ONLY" in methods["showLesionTable"]
     assert "self.showLesionTable(table)" in methods["onParameterNodeModified"]
+
+
+def test_the_sample_phantom_goes_through_sampledatas_own_download_so_code_can_load_it(module_tree):
+    """SampleData.downloadSample never calls a custom downloader: the source's URIs generate the case instead
+    (PRLDetectorLib.phantom.sample, tested in test_sample_data.py), and the self-test loads it from code."""
+    functions = {f.name: ast.unparse(f) for f in module_tree.body if isinstance(f, ast.FunctionDef)}
+    register = functions["registerSampleData"]
+    assert "customDownloader" not in register and "sample_source_arguments(" in register
+    assert "def __str__" in register, "SampleData compares sources by their text, which must not generate the files"
+    test = ast.unparse(_class(module_tree, "PRLDetectorTest"))
+    assert 'SampleData.downloadSample("PRLPhantom")' in test.replace("'", '"')
+    logic = {f.name: ast.unparse(f) for f in _class(module_tree, "PRLDetectorLogic").body if isinstance(f, ast.FunctionDef)}
+    assert "load_sample_case(sampleCacheDirectory())" in logic["loadSampleCase"]
