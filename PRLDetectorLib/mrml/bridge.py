@@ -86,9 +86,9 @@ def image_in_frame_of(volume_node, frame_node) -> sitk.Image:
 
     A FLAIR the reader aligned to the QSM with a transform (or the QSM itself moved by one) is taken as the
     reader placed it: the transform from the FLAIR's parent frame to the QSM's parent frame is applied to a
-    copy; the reader's nodes are never changed. A linear transform changes only the header (origin, axes,
-    spacing), so no voxel is interpolated; a non-linear one (or one that shears the grid) is hardened on a
-    temporary copy, which Slicer resamples.
+    copy; the reader's nodes are never changed. A rigid (or axis-scaling) transform changes only the header
+    (origin, axes, spacing), so no voxel is interpolated; one that shears the grid is resampled onto straight
+    axes; a non-linear one is hardened on a temporary copy, which Slicer resamples.
     """
     matrix = relative_transform(volume_node, frame_node)
     if matrix is None:
@@ -104,7 +104,34 @@ def image_in_frame_of(volume_node, frame_node) -> sitk.Image:
             image.SetOrigin(tuple(_RAS_FROM_LPS @ ijk_to_ras[:3, 3]))
             image.SetDirection(tuple((_RAS_FROM_LPS @ direction_ras).ravel()))
             return image
+        return _sheared(image, matrix)
     return _hardened_copy(volume_node, frame_node)
+
+
+def _sheared(image: sitk.Image, matrix_ras: np.ndarray) -> sitk.Image:
+    """An image moved by a linear transform that shears its voxel axes (an affine registration may): no header
+    holds that, so it is resampled (linearly) onto a grid with the image's spacing, the nearest orthonormal
+    axes, and room for every moved voxel."""
+    to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    moved = to_lps @ matrix_ras @ to_lps
+    axes = moved[:3, :3] @ np.reshape(image.GetDirection(), (3, 3))
+    u, _, vt = np.linalg.svd(axes)
+    direction = u @ vt
+    size = image.GetSize()
+    corners = np.array([image.TransformIndexToPhysicalPoint([c * (n - 1) for c, n in zip(corner, size, strict=True)])
+                        for corner in np.ndindex(2, 2, 2)])
+    along = (corners @ moved[:3, :3].T + moved[:3, 3]) @ direction  # moved corners along the new axes
+    spacing = np.array(image.GetSpacing())
+    low, high = along.min(axis=0), along.max(axis=0)
+    grid = sitk.Image([int(n) for n in np.ceil((high - low) / spacing - 1e-6).astype(int) + 1], image.GetPixelID())
+    grid.SetSpacing(tuple(float(v) for v in spacing))
+    grid.SetDirection(tuple(direction.ravel()))
+    grid.SetOrigin(tuple(direction @ low))
+    back = np.linalg.inv(moved)  # Resample maps each grid point back into the image
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(back[:3, :3].ravel()))
+    transform.SetTranslation(tuple(back[:3, 3]))
+    return sitk.Resample(image, grid, transform, sitk.sitkLinear, 0.0, image.GetPixelID())
 
 
 NON_LINEAR = np.full((4, 4), np.nan)

@@ -557,3 +557,26 @@ def test_prl_probability_and_uncertainty_are_shown_when_present_and_sort_the_tab
     plain = bridge.lesion_table_node(scene, rows, "plain")
     assert "prl_probability" not in _titles(plain)
     assert [r["lesion_id"] for r in bridge.rows_from_table(plain)] == [r["lesion_id"] for r in rows]
+
+
+def test_a_transform_that_shears_the_grid_is_resampled_onto_straight_axes(scene):
+    """An affine registration may shear: no image header holds that, so the copy is resampled, where it belongs."""
+    voxels = np.zeros((20, 24, 28), np.float32)
+    voxels[8:12, 10:14, 12:16] = 1.0
+    flair = bridge.add_volume_node(scene, sitk.GetImageFromArray(voxels), "FLAIR")
+    shear = np.eye(4)
+    shear[0, 1], shear[:3, 3] = 0.3, (2.0, -1.0, 0.5)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "affine")
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shear))
+    flair.SetAndObserveTransformNodeID(node.GetID())
+
+    moved = bridge.image_in_frame_of(flair, None)
+
+    direction = np.reshape(moved.GetDirection(), (3, 3))
+    assert np.allclose(direction.T @ direction, np.eye(3), atol=1e-9), "a NIfTI header needs orthonormal axes"
+    values = sitk.GetArrayFromImage(moved)
+    assert values.sum() == pytest.approx(voxels.sum(), rel=0.02)
+    inside = np.argwhere(values > 0.5)
+    centre = moved.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in inside.mean(axis=0)[::-1]))
+    ras = shear @ np.array([-13.5, -11.5, 9.5, 1.0])  # the block's centre (LPS 13.5, 11.5, 9.5) moved, in RAS
+    assert np.allclose(centre, (-ras[0], -ras[1], ras[2]), atol=0.6)
