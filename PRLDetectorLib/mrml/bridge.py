@@ -93,19 +93,28 @@ def image_in_frame_of(volume_node, frame_node) -> sitk.Image:
     matrix = relative_transform(volume_node, frame_node)
     if matrix is None:
         return image_from_volume_node(volume_node)
-    if matrix is not NON_LINEAR:
-        image = image_from_volume_node(volume_node)
-        ijk_to_ras = matrix @ _ijk_to_ras(volume_node)
-        columns = ijk_to_ras[:3, :3]
-        spacing = np.linalg.norm(columns, axis=0)
-        direction_ras = columns / spacing
-        if np.allclose(direction_ras.T @ direction_ras, np.eye(3), atol=1e-6):
-            image.SetSpacing(tuple(float(v) for v in spacing))
-            image.SetOrigin(tuple(_RAS_FROM_LPS @ ijk_to_ras[:3, 3]))
-            image.SetDirection(tuple((_RAS_FROM_LPS @ direction_ras).ravel()))
-            return image
+    if matrix is NON_LINEAR:
+        return _hardened_copy(volume_node, frame_node)
+    image = image_from_volume_node(volume_node)
+    geometry = _moved_geometry(volume_node, matrix)
+    if geometry is None:
         return _sheared(image, matrix)
-    return _hardened_copy(volume_node, frame_node)
+    spacing, origin_ras, direction_ras = geometry
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    image.SetOrigin(tuple(_RAS_FROM_LPS @ origin_ras))
+    image.SetDirection(tuple((_RAS_FROM_LPS @ direction_ras).ravel()))
+    return image
+
+
+def _moved_geometry(volume_node, matrix_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(spacing, origin, axes) in RAS of the volume's grid moved by a linear transform; None when the moved
+    axes are not orthogonal (a shear), which no image header can hold."""
+    ijk_to_ras = matrix_ras @ _ijk_to_ras(volume_node)
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    direction_ras = ijk_to_ras[:3, :3] / spacing
+    if not np.allclose(direction_ras.T @ direction_ras, np.eye(3), atol=1e-6):
+        return None
+    return spacing, ijk_to_ras[:3, 3], direction_ras
 
 
 def _sheared(image: sitk.Image, matrix_ras: np.ndarray) -> sitk.Image:
@@ -180,12 +189,14 @@ def transform_record(volume_node, frame_node=None) -> dict | None:
     if matrix is None:
         return None
     transform = volume_node.GetParentTransformNode()
+    linear = matrix is not NON_LINEAR
     return {
         "volume": volume_node.GetName(),
         "transform": transform.GetName() if transform is not None else None,
         "relative_to": frame_node.GetName() if frame_node is not None else "world",
-        "linear": matrix is not NON_LINEAR,
-        "matrix_ras": None if matrix is NON_LINEAR else matrix.tolist(),
+        "linear": linear,
+        "matrix_ras": matrix.tolist() if linear else None,
+        "resampled": not linear or _moved_geometry(volume_node, matrix) is None,
     }
 
 

@@ -108,7 +108,7 @@ def input_transforms(qsm_node, flair_node=None) -> dict[str, dict]:
         record["qsm"] = qsm
     flair = bridge.transform_record(flair_node, qsm_node) if flair_node is not None else None
     if flair is not None:
-        how = "its header moved on a copy" if flair["linear"] else "hardened on a copy (resampled)"
+        how = "resampled on a copy" if flair["resampled"] else "its header moved on a copy (no interpolation)"
         flair["applied"] = f"FLAIR taken as the reader aligned it to the QSM: {how}"
         record["flair"] = flair
     return record

@@ -471,6 +471,7 @@ def test_a_volume_in_the_frame_of_another_carries_the_transform_between_them_in_
         assert np.allclose(moved.TransformIndexToPhysicalPoint(index), (-ras[0], -ras[1], ras[2]), atol=1e-6)
     record = bridge.transform_record(flair, qsm)
     assert record["transform"] == "FLAIR alignment" and record["relative_to"] == "QSM" and record["linear"]
+    assert record["resampled"] is False
     assert np.allclose(record["matrix_ras"], expected, atol=1e-9)
     # The reader's node is not touched.
     after = bridge.image_from_volume_node(flair)
@@ -506,7 +507,7 @@ def test_a_non_linear_transform_is_hardened_on_a_copy(scene):
     inside = np.argwhere(sitk.GetArrayFromImage(moved) > 0.5)
     centre_lps = moved.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in inside.mean(axis=0)[::-1]))
     assert np.allclose(centre_lps, (13.5 - 3.0, 11.5, 9.5), atol=0.51)  # R is -x in LPS
-    assert bridge.transform_record(flair)["linear"] is False
+    assert bridge.transform_record(flair)["linear"] is False and bridge.transform_record(flair)["resampled"]
 
 
 # -- the lesion table as the reader sees it ------------------------------------------------------------------------
@@ -580,3 +581,4 @@ def test_a_transform_that_shears_the_grid_is_resampled_onto_straight_axes(scene)
     centre = moved.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in inside.mean(axis=0)[::-1]))
     ras = shear @ np.array([-13.5, -11.5, 9.5, 1.0])  # the block's centre (LPS 13.5, 11.5, 9.5) moved, in RAS
     assert np.allclose(centre, (-ras[0], -ras[1], ras[2]), atol=0.6)
+    assert bridge.transform_record(flair)["resampled"] is True

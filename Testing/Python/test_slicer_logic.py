@@ -653,6 +653,6 @@ def test_the_exported_burden_says_which_reader_transforms_detection_used(scene, 
 
     record = json.loads(paths["burden.json"].read_text(encoding="utf-8"))["input_transforms"]
     assert record["flair"]["volume"] == "FLAIR" and record["flair"]["transform"] == "FLAIR to QSM"
-    assert record["flair"]["applied"].startswith("FLAIR")
+    assert record["flair"]["applied"].endswith("(no interpolation)") and record["flair"]["resampled"] is False
     assert record["qsm"]["transform"] == "QSM placement"
     assert np.allclose(record["qsm"]["matrix_ras"], QSM_MOVE, atol=1e-9)
