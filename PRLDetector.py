@@ -29,13 +29,18 @@ from slicer.util import VTKObservationMixin
 from vtkSlicerSegmentationsModuleMRMLPython import vtkMRMLSegmentationNode
 
 from PRLDetectorLib.dependencies import MINIMUM_SLICER_VERSION
-from PRLDetectorLib.detection.headers import FILE_ONLY
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.settings import CONNECTIVITIES, DEVICES, DetectionSettings
+from PRLDetectorLib.settings import (
+    CONNECTIVITIES,
+    DEVICES,
+    NO_CLASSIFIER,
+    OPERATING_POINTS,
+    DetectionSettings,
+)
 
 LIB_MODULES = (
-    "errors", "settings", "dependencies", "results", "progress", "detection.headers", "mrml.process", "detection.models", "detection.images",
-    "detection.lesions", "detection.features", "detection.burden", "exports.segments", "detection.registration",
+    "errors", "settings", "dependencies", "results", "progress", "mrml.process", "detection.models", "detection.images",
+    "detection.lesions", "detection.features", "detection.headers", "detection.burden", "exports.segments", "detection.registration",
     "detection.inference", "cohort.evaluation", "detection.pipeline", "training.dataset", "phantom.anatomy",
     "phantom.lesions", "phantom.phantom", "training.training", "cohort.bids", "cohort.batch", "exports.dicom_seg",
     "cli.options", "cli.cohort", "cli.main", "mrml.bridge", "mrml.logic",
@@ -204,6 +209,7 @@ class PRLDetectorParameterNode:
     minLesionMm3: Annotated[float, WithinRange(0.0, 10000.0)] = _DEFAULTS.min_lesion_mm3
     connectivity: Annotated[int, Choice(CONNECTIVITIES)] = _DEFAULTS.connectivity
     minRimCoverage: Annotated[float, WithinRange(0.0, 1.0)] = _DEFAULTS.min_rim_coverage
+    operatingPoint: Annotated[str, Choice((*OPERATING_POINTS, NO_CLASSIFIER))] = _DEFAULTS.operating_point
     outputSegmentation: vtkMRMLSegmentationNode
     lesionTable: slicer.vtkMRMLTableNode
 
@@ -216,6 +222,7 @@ SETTINGS_PARAMETERS = {
     "min_lesion_mm3": "minLesionMm3",
     "connectivity": "connectivity",
     "min_rim_coverage": "minRimCoverage",
+    "operating_point": "operatingPoint",
 }
 """DetectionSettings field → parameter node name."""
 
@@ -384,15 +391,20 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateStatusButtons()
 
     def showLesionTable(self, table) -> None:
-        """The lesion table under the reader's headers (set by the Logic), its file-only columns hidden:
-        LPS copies of the RAS centre and voxel-index boxes stay in lesions.csv and in the node for scripts."""
+        """The lesion table under the reader's headers (set by the Logic), some columns hidden: LPS copies of the
+        RAS centre and voxel-index boxes (they stay in lesions.csv and in the node for scripts), and the PRL
+        probability columns of a model without a lesion classifier."""
         view = self.ui.lesionTableView
         if view.mrmlTableNode() is not table:
             view.setMRMLTableNode(table)
         if table is None:
             return
+        try:
+            hidden = self.logic.hiddenLesionColumns(table)
+        except ImportError:  # a scene with a review, opened before the dependencies are installed
+            return
         for index in range(table.GetNumberOfColumns()):
-            view.setColumnHidden(index, table.GetColumnName(index) in FILE_ONLY)
+            view.setColumnHidden(index, table.GetColumnName(index) in hidden)
 
     def burdenOrNone(self, segmentation, table):
         if segmentation is None or table is None:
@@ -756,6 +768,11 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
         from PRLDetectorLib.mrml.bridge import segment_id_of_lesion
 
         return segment_id_of_lesion(segmentationNode, lesionId)
+
+    def hiddenLesionColumns(self, tableNode) -> set:
+        from PRLDetectorLib.mrml.bridge import hidden_columns
+
+        return hidden_columns(tableNode)
 
     def linkedTable(self, segmentationNode):
         if segmentationNode is None:

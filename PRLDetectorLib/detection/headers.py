@@ -3,8 +3,8 @@ shows, and the order of its rows.
 
 Files (``lesions.csv``, the batch tables, BIDS TSVs) keep the machine names; views (the Slicer panel's
 table) show these headers. Coordinates are shown in RAS, as Slicer shows them; the LPS copies and the
-voxel-index bounding box stay in the files only. No imports: the Slicer module reads this before its
-dependencies are installed.
+voxel-index bounding box stay in the files only. The lesion classifier's columns
+(:data:`~PRLDetectorLib.detection.features.OPTIONAL_COLUMNS`) are shown when some lesion has a value.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+from PRLDetectorLib.detection.features import OPTIONAL_COLUMNS
+
 PRL_PROBABILITY = "prl_probability"
-"""Per-lesion probability that the lesion is a PRL (the lesion classifier's), when the model gives one."""
+"""The lesion classifier's probability that a lesion is a PRL: the review's order when there is one."""
 PRL_UNCERTAINTY = "prl_uncertainty"
-"""Its uncertainty (± around the probability), when the model gives one."""
-OPTIONAL_COLUMNS: tuple[str, ...] = (PRL_PROBABILITY, PRL_UNCERTAINTY)
-"""Columns a lesion table holds only with some models: shown when present, never invented."""
 
 HEADERS: dict[str, str] = {
     "lesion_id": "PRL",
@@ -82,15 +81,21 @@ def view_order(columns: Iterable[str]) -> tuple[str, ...]:
             *[c for c in columns if c in FILE_ONLY and c not in HEADERS])
 
 
-def present_optional_columns(rows: Sequence[Mapping[str, object]]) -> tuple[str, ...]:
-    """The optional columns some row holds."""
-    return tuple(c for c in OPTIONAL_COLUMNS if any(c in row for row in rows))
+def columns_with_values(rows: Sequence[Mapping[str, object]], columns: Iterable[str] = OPTIONAL_COLUMNS) -> set[str]:
+    """The ``columns`` for which some row holds a number (not NaN, not empty)."""
+    return {c for c in columns if any(not math.isnan(_number(row.get(c))) for row in rows)}
+
+
+def hidden_in_view(rows: Sequence[Mapping[str, object]]) -> set[str]:
+    """Columns a view leaves out: the file-only ones, and the classifier's when no lesion has a value (a model
+    without a lesion classifier)."""
+    return set(FILE_ONLY) | (set(OPTIONAL_COLUMNS) - columns_with_values(rows))
 
 
 def view_rows(rows: Sequence[Mapping[str, object]]) -> list[Mapping[str, object]]:
-    """Rows in the order a reader reviews them: most probable PRL first when the table has a PRL probability
+    """Rows in the order a reader reviews them: most probable PRL first when some lesion has a PRL probability
     (lesions without one last, by id), otherwise as given."""
-    if not any(PRL_PROBABILITY in row for row in rows):
+    if not columns_with_values(rows, (PRL_PROBABILITY,)):
         return list(rows)
 
     def key(row: Mapping[str, object]) -> tuple[float, int]:

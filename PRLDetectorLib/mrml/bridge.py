@@ -38,8 +38,7 @@ logger = logging.getLogger(__name__)
 STATUS_COLUMN = "status"
 TABLE_COLUMNS: tuple[str, ...] = headers.view_order((*LESION_COLUMNS, STATUS_COLUMN))
 """The lesion table node: the columns of ``lesions.csv`` and the reader's verdict, in the order the reader
-reads them (:mod:`~PRLDetectorLib.detection.headers`), the file-only ones last; a model's PRL probability
-and uncertainty join them when the rows have them."""
+reads them (:mod:`~PRLDetectorLib.detection.headers`), the file-only ones last."""
 CSV_COLUMNS: tuple[str, ...] = (*LESION_COLUMNS, STATUS_COLUMN)
 """An exported ``lesions.csv``: the detection's columns in their order, the verdict appended."""
 
@@ -602,21 +601,7 @@ def _lesion_column_types() -> dict[str, type]:
     return types
 
 
-COLUMN_TYPES: dict[str, type] = {
-    **{column: float for column in headers.OPTIONAL_COLUMNS}, **_lesion_column_types(), STATUS_COLUMN: str
-}
-
-
-def table_columns(rows: Sequence[Mapping[str, object]]) -> tuple[str, ...]:
-    """The table node's columns for these rows: :data:`TABLE_COLUMNS` and the optional ones they hold."""
-    return headers.view_order((*TABLE_COLUMNS, *headers.present_optional_columns(rows)))
-
-
-def csv_columns(rows: Sequence[Mapping[str, object]]) -> tuple[str, ...]:
-    """An exported ``lesions.csv``'s columns: :data:`CSV_COLUMNS`, the optional ones the rows hold before the
-    verdict."""
-    extra = [c for c in headers.present_optional_columns(rows) if c not in CSV_COLUMNS]
-    return (*CSV_COLUMNS[:-1], *extra, STATUS_COLUMN)
+COLUMN_TYPES: dict[str, type] = {**_lesion_column_types(), STATUS_COLUMN: str}
 
 
 def _number(value: object) -> float:
@@ -650,7 +635,7 @@ def lesion_table_node(scene, rows: Sequence[Mapping[str, object]], name: str, ta
     """
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    columns = table_columns(rows)
+    columns = TABLE_COLUMNS
     rows = headers.view_rows(rows)
     table = vtk.vtkTable()
     for column in columns:
@@ -680,6 +665,11 @@ def lesion_table_node(scene, rows: Sequence[Mapping[str, object]], name: str, ta
     table_node.SetLocked(True)
     table_node.EndModify(was_modifying)
     return table_node
+
+
+def hidden_columns(table_node) -> set[str]:
+    """Columns of the table node the panel does not show (see :func:`headers.hidden_in_view`)."""
+    return headers.hidden_in_view(rows_from_table(table_node)) if table_node is not None else set()
 
 
 def rows_from_table(table_node) -> list[dict[str, object]]:

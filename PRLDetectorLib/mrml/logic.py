@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from PRLDetectorLib.detection import headers
 from PRLDetectorLib.detection.burden import Burden
-from PRLDetectorLib.detection.features import format_cell, measure_lesions, read_lesions_csv
+from PRLDetectorLib.detection.features import OPTIONAL_COLUMNS, format_cell, measure_lesions, read_lesions_csv
 from PRLDetectorLib.detection.lesions import find_lesions
 from PRLDetectorLib.detection.models import (
     ModelInfo,
@@ -423,13 +422,14 @@ class SceneLogic:
                 continue
             row = {**dataclasses.replace(lesion, lesion_id=segment.lesion_id).as_row(), bridge.STATUS_COLUMN: segment.status}
             old = previous.get(segment.lesion_id)
-            untouched = old is not None and _same_voxels(old, row)
-            if probability is None and untouched:
-                # Without the probability map an untouched lesion keeps the value detection measured.
-                row["probability_mean"] = old.get("probability_mean", math.nan)
-            for column in headers.present_optional_columns(list(previous.values())):
-                # The model's verdict on a lesion holds while the lesion is the one it judged.
-                row[column] = old.get(column, math.nan) if untouched else math.nan
+            if old is not None and _same_voxels(old, row):
+                # The classifier judged this outline: an untouched lesion keeps its PRL probability (an edited
+                # one is the reader's call now, and its status says what they decided).
+                for column in sorted(OPTIONAL_COLUMNS):
+                    row[column] = old.get(column, math.nan)
+                if probability is None:
+                    # Without the probability map an untouched lesion keeps the value detection measured.
+                    row["probability_mean"] = old.get("probability_mean", math.nan)
             rows.append(row)
 
         if table_node is None:
@@ -623,12 +623,11 @@ def _same_voxels(old: Mapping[str, object], new: Mapping[str, object]) -> bool:
 
 def _write_rows_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
     """The lesions.csv layout (NaN as an empty cell) with the reader's status as the last column."""
-    columns = bridge.csv_columns(rows)
     with path.open("w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer = csv.DictWriter(stream, fieldnames=bridge.CSV_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({column: format_cell(column, row.get(column, "")) for column in columns})
+            writer.writerow({column: format_cell(column, row.get(column, "")) for column in bridge.CSV_COLUMNS})
 
 
 def _json_attribute(node, name: str):

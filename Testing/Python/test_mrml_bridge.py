@@ -527,58 +527,35 @@ def test_the_panel_table_shows_readers_headers_and_ras_first_while_columns_keep_
     assert titles["volume_mm3"] == "Volume (mm³)" and titles["paramagnetic_edge_fraction"] == "Rim coverage"
     assert titles["centroid_ras_x_mm"] == "Centre R (mm)" and titles["lesion_id"] == "PRL"
     assert all(title != name for name, title in titles.items()), "a column shows its machine name"
-    shown = [name for name in titles if name not in headers.FILE_ONLY]
+    hidden = bridge.hidden_columns(table)
+    shown = [name for name in titles if name not in hidden]
     assert shown[:3] == ["lesion_id", "status", "volume_mm3"]
     assert {"centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm"} <= set(shown)
-    assert not any("lps" in name for name in shown)
-    # The file-only columns come last, so a narrow panel (or one that hides them) shows the reader's columns.
+    assert not any("lps" in name or "bbox" in name for name in shown)
+    assert {"prl_probability", "prl_uncertainty"} <= hidden, "no lesion classifier ran: nothing to show"
+    # The file-only columns come last, so a narrow panel shows the reader's columns first.
     names = list(titles)
-    assert names[len(shown):] == [c for c in names if c in headers.FILE_ONLY]
+    assert names[-len(headers.FILE_ONLY):] == [c for c in names if c in headers.FILE_ONLY]
     assert table.GetColumnUnitLabel("volume_mm3") == "mm³" and "volume_mm3" in table.GetColumnDescription("volume_mm3")
 
 
 def test_prl_probability_and_uncertainty_are_shown_when_present_and_sort_the_table(scene, qsm_node, oblique_case):
     rows = _rows(qsm_node, oblique_case[1])
-    probabilities = {1: "0.35", 2: "0.9", 3: ""}  # as lesions.csv gives them to the reader (text; empty = none)
+    probabilities = {1: 0.35, 2: 0.9, 3: math.nan}  # lesion 3: the classifier gave nothing
     with_probability = [
-        {**row, "prl_probability": probabilities.get(row["lesion_id"], "0.6"), "prl_uncertainty": "0.05"} for row in rows
+        {**row, "prl_probability": probabilities.get(row["lesion_id"], 0.6), "prl_uncertainty": 0.05} for row in rows
     ]
     table = bridge.lesion_table_node(scene, with_probability, "lesions")
     titles = _titles(table)
     assert titles["prl_probability"] == "PRL probability" and titles["prl_uncertainty"] == "Uncertainty (±)"
     assert list(titles)[2:4] == ["prl_probability", "prl_uncertainty"]
-    assert table.GetTable().GetColumnByName("prl_probability").IsA("vtkDoubleArray")
+    assert not {"prl_probability", "prl_uncertainty"} & bridge.hidden_columns(table)
     back = bridge.rows_from_table(table)
     ids = [r["lesion_id"] for r in back]
     assert ids[0] == 2 and ids[-1] == 3, "most probable first, lesions without a probability last"
     values = [r["prl_probability"] for r in back]
     assert values[:-1] == sorted(values[:-1], reverse=True) and math.isnan(values[-1])
     assert all(r["prl_uncertainty"] == pytest.approx(0.05) for r in back)
-    # Without those columns (today's models) the table has none and keeps the lesions' order.
+    # Without a classifier's values (a model without one) the table keeps the lesions' order.
     plain = bridge.lesion_table_node(scene, rows, "plain")
-    assert "prl_probability" not in _titles(plain)
     assert [r["lesion_id"] for r in bridge.rows_from_table(plain)] == [r["lesion_id"] for r in rows]
-
-
-def test_a_transform_that_shears_the_grid_is_resampled_onto_straight_axes(scene):
-    """An affine registration may shear: no image header holds that, so the copy is resampled, where it belongs."""
-    voxels = np.zeros((20, 24, 28), np.float32)
-    voxels[8:12, 10:14, 12:16] = 1.0
-    flair = bridge.add_volume_node(scene, sitk.GetImageFromArray(voxels), "FLAIR")
-    shear = np.eye(4)
-    shear[0, 1], shear[:3, 3] = 0.3, (2.0, -1.0, 0.5)
-    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "affine")
-    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shear))
-    flair.SetAndObserveTransformNodeID(node.GetID())
-
-    moved = bridge.image_in_frame_of(flair, None)
-
-    direction = np.reshape(moved.GetDirection(), (3, 3))
-    assert np.allclose(direction.T @ direction, np.eye(3), atol=1e-9), "a NIfTI header needs orthonormal axes"
-    values = sitk.GetArrayFromImage(moved)
-    assert values.sum() == pytest.approx(voxels.sum(), rel=0.02)
-    inside = np.argwhere(values > 0.5)
-    centre = moved.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in inside.mean(axis=0)[::-1]))
-    ras = shear @ np.array([-13.5, -11.5, 9.5, 1.0])  # the block's centre (LPS 13.5, 11.5, 9.5) moved, in RAS
-    assert np.allclose(centre, (-ras[0], -ras[1], ras[2]), atol=0.6)
-    assert bridge.transform_record(flair)["resampled"] is True

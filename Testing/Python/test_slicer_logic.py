@@ -5,6 +5,7 @@ The same scenario runs inside Slicer as the module self-test (``PRLDetectorTest`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -163,13 +164,10 @@ def test_a_models_prl_probability_orders_the_review_survives_updates_of_untouche
 ):
     qsm = bridge.image_from_volume_node(qsm_node)
     labels = _components(phantom_dir, qsm_node)
-    write_lesions_csv(tmp_path / "lesions.csv", measure_lesions(labels, sitk.GetArrayViewFromImage(qsm), qsm))
-    # A model with a lesion classifier adds its columns to lesions.csv.
-    lines = (tmp_path / "lesions.csv").read_text(encoding="utf-8").splitlines()
     probability = {i: round(0.3 + 0.2 * i, 2) for i in range(1, int(labels.max()) + 1)}
-    lines = [lines[0] + ",prl_probability,prl_uncertainty"] + [
-        f"{line},{probability[int(line.split(',')[0])]},0.04" for line in lines[1:]]
-    (tmp_path / "lesions.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lesions = [dataclasses.replace(lesion, prl_probability=probability[lesion.lesion_id], prl_uncertainty=0.04)
+               for lesion in measure_lesions(labels, sitk.GetArrayViewFromImage(qsm), qsm)]
+    write_lesions_csv(tmp_path / "lesions.csv", lesions)  # as a model with a lesion classifier writes it
 
     review = logic.show_detection(qsm_node, labels, read_lesions_csv(tmp_path / "lesions.csv"))
     table = review.table_node
@@ -189,7 +187,7 @@ def test_a_models_prl_probability_orders_the_review_survives_updates_of_untouche
 
     paths = logic.export(segmentation, tmp_path / "out")
     lines = paths["lesions.csv"].read_text(encoding="utf-8").splitlines()
-    assert lines[0].split(",") == [*LESION_COLUMNS, "prl_probability", "prl_uncertainty", "status"]
+    assert lines[0].split(",") == [*LESION_COLUMNS, "status"]
     assert [int(line.split(",")[0]) for line in lines[1:]] == sorted(probability), "files stay in lesion order"
 
 

@@ -273,11 +273,15 @@ def test_the_case_id_dialog_tells_cancel_from_an_empty_answer(module_tree, modul
 
 
 def test_the_panel_hides_the_file_only_columns(module_tree):
-    """The widget hides what headers.FILE_ONLY names (LPS copies, voxel-index boxes) in the panel's table view."""
+    """The widget hides the columns the Logic names (bridge.hidden_columns, tested on slicer-core: LPS copies,
+    voxel-index boxes, an empty PRL probability) in the panel's table view."""
     widget = _class(module_tree, "PRLDetectorWidget")
     methods = {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
-    assert "setColumnHidden" in methods["showLesionTable"] and "FILE_ONLY" in methods["showLesionTable"]
+    assert "setColumnHidden" in methods["showLesionTable"]
+    assert "self.logic.hiddenLesionColumns(table)" in methods["showLesionTable"]
     assert "self.showLesionTable(table)" in methods["onParameterNodeModified"]
+    logic = {f.name: ast.unparse(f) for f in _class(module_tree, "PRLDetectorLogic").body if isinstance(f, ast.FunctionDef)}
+    assert "hidden_columns(tableNode)" in logic["hiddenLesionColumns"]
 
 
 def test_the_sample_phantom_goes_through_sampledatas_own_download_so_code_can_load_it(module_tree):
