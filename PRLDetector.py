@@ -5,11 +5,11 @@ This file is wiring: the panel, the parameter node and a Logic that delegates to
 """
 
 import importlib
-import importlib.util
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +28,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 from vtkSlicerSegmentationsModuleMRMLPython import vtkMRMLSegmentationNode
 
+from PRLDetectorLib.dependencies import MINIMUM_SLICER_VERSION
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.settings import (
     CONNECTIVITIES,
@@ -38,8 +39,8 @@ from PRLDetectorLib.settings import (
 )
 
 LIB_MODULES = (
-    "errors", "settings", "results", "progress", "mrml.process", "detection.models", "detection.images",
-    "detection.lesions", "detection.features", "detection.burden", "exports.segments", "detection.registration",
+    "errors", "settings", "dependencies", "results", "progress", "mrml.process", "detection.models", "detection.images",
+    "detection.lesions", "detection.features", "detection.headers", "detection.burden", "exports.segments", "detection.registration",
     "detection.inference", "cohort.evaluation", "detection.pipeline", "training.dataset", "phantom.anatomy",
     "phantom.lesions", "phantom.phantom", "training.training", "cohort.bids", "cohort.batch", "exports.dicom_seg",
     "cli.options", "cli.cohort", "cli.main", "mrml.bridge", "mrml.logic",
@@ -47,20 +48,18 @@ LIB_MODULES = (
 """Library submodules in dependency order, for reloading; modules not imported are skipped, and loaded
 modules missing from this list are reloaded after it."""
 
-REQUIREMENTS = (
-    ("nnunetv2", "nnunetv2==2.8.1"),
-    ("SimpleITK", "SimpleITK>=2.3"),
-    ("nibabel", "nibabel>=5.0"),
-    ("numpy", "numpy>=1.24"),
-    ("scipy", "scipy>=1.10"),
-    ("cc3d", "connected-components-3d>=3.12"),
-    ("nilearn", "nilearn>=0.11"),
-    ("slicerio", "slicerio>=1.1"),
-    ("tqdm", "tqdm>=4.60"),
-    ("lightgbm", "lightgbm>=4.3"),
-)
-"""(import name, pip requirement) of what Slicer runs of the library (detection, review, the phantom), pinned
-as in pyproject.toml. PyTorch comes through the PyTorch extension instead."""
+
+def checkSlicerVersion(major: int, minor: int) -> None:
+    """Refuse a Slicer older than the library supports, saying which one it needs: called on import, before a
+    definition below fails on an older Python with a message that says nothing."""
+    if (major, minor) < MINIMUM_SLICER_VERSION:
+        raise RuntimeError(
+            "PRL Detector needs 3D Slicer {}.{} or later (this is {}.{}); install a newer Slicer.".format(
+                *MINIMUM_SLICER_VERSION, major, minor)
+        )
+
+
+checkSlicerVersion(int(slicer.app.majorVersion), int(slicer.app.minorVersion))
 
 PAPER_TITLE = "Deep Learning-Based Automated Detection and Burden Assessment of Paramagnetic Rim Lesions on QSM in MS"
 PAPER = f"Jeong E, Seo D, Moon HH, Yun H, Choi Y, Lee EJ. {PAPER_TITLE}. 2026."
@@ -101,31 +100,33 @@ class PRLDetector(ScriptedLoadableModule):
 
 
 def registerSampleData():
+    """Register "PRLPhantom" so that SampleData's own download (its button and ``downloadSample("PRLPhantom")``)
+    generates the phantom on first use and loads it; see PRLDetectorLib/phantom/sample.py."""
     import SampleData
 
-    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="PRL Detector",
-        sampleName="PRLPhantom",
-        thumbnailFileName=os.path.join(iconsPath, "PRLDetector.png"),
-        # Nothing to download: the custom downloader generates the case, so the lists are empty.
-        uris=[],
-        fileNames=[],
-        nodeNames=[],
-        customDownloader=loadPhantomSample,
+    from PRLDetectorLib.phantom.sample import SAMPLE_NAME, sample_source_arguments
+
+    class PhantomSampleSource(SampleData.SampleDataSource):
+        def __str__(self):
+            # SampleData compares sources by their text, which would list (and so generate) the files.
+            return f"{SAMPLE_NAME}: a phantom patient generated on this computer by PRL Detector"
+
+    source = PhantomSampleSource(
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "PRLDetector.png"),
+        **sample_source_arguments(sampleCacheDirectory(), before=requireDependencies),
     )
+    category = SampleData.SampleDataLogic.sampleDataSourcesByCategory().setdefault("PRL Detector", [])
+    if not any(registered.sampleName == SAMPLE_NAME for registered in category):
+        category.append(source)
 
 
-def loadPhantomSample(source=None):
-    """Generate (once, into the cache folder) and load a phantom QSM with known PRLs."""
-    with slicer.util.tryWithErrorDisplay(_("Could not create the phantom case."), waitCursor=True):
-        if not ensureDependencies():
-            return None
-        cacheDir = Path(slicer.app.cachePath) / "PRLDetector"
-        phantom = PRLDetectorLogic().loadPhantomCase(cacheDir)
-        slicer.util.setSliceViewerLayers(background=phantom.qsm_node, fit=True)
-        return [node for node in (phantom.qsm_node, phantom.flair_node) if node is not None]
-    return None
+def sampleCacheDirectory() -> Path:
+    return Path(slicer.app.cachePath) / "PRLDetector"
+
+
+def requireDependencies() -> None:
+    if not ensureDependencies():
+        raise InputError(_("PRL Detector's Python packages are needed to make the phantom; install them to load it."))
 
 
 #
@@ -133,50 +134,61 @@ def loadPhantomSample(source=None):
 #
 
 
-def missingRequirements() -> list[str]:
-    return [requirement for module, requirement in REQUIREMENTS if importlib.util.find_spec(module) is None]
-
-
 def ensureDependencies() -> bool:
-    """Offer to install what the library needs; False when the user declines."""
-    missing = missingRequirements()
-    torchMissing = importlib.util.find_spec("torch") is None
-    if not missing and not torchMissing:
+    """Offer to install what the library needs (the plan of :mod:`PRLDetectorLib.dependencies`); False when the
+    user declines. PyTorch comes through the PyTorch extension, nnU-Net pinned and without its dependencies,
+    the rest only where missing or too old, never replacing what Slicer ships."""
+    from PRLDetectorLib.dependencies import install_plan, installed_versions
+
+    plan = install_plan(installed_versions())
+    for conflict in plan.conflicts:
+        logging.warning("Slicer's own package does not meet PRL Detector's requirement %s; it is left as it is.", conflict)
+    if plan.empty:
         return True
-    names = (["PyTorch"] if torchMissing else []) + missing
+    lines = plan.describe()
     if not slicer.util.confirmOkCancelDisplay(
-        _("PRL Detector needs Python packages that are not installed yet:\n\n{names}\n\n"
-          "Install them now? This downloads up to a few GB and takes several minutes.").format(names="\n".join(names)),
+        _("PRL Detector needs Python packages that are not installed yet (or not in the version it needs):\n\n{names}"
+          "\n\nInstall them now? This downloads up to a few GB and takes several minutes.").format(names="\n".join(lines)),
         windowTitle=_("Install PRL Detector dependencies"),
     ):
         return False
     try:
         with slicer.util.WaitCursor():
-            if torchMissing:
-                _installTorch()
-            if missing:
-                slicer.util.pip_install(missing)
+            if plan.torch is not None:
+                _installTorch(plan.torch)
+                importlib.invalidate_caches()
+                plan = install_plan(installed_versions())  # pins the torch just installed
+            with tempfile.TemporaryDirectory() as folder:
+                constraints = Path(folder) / "constraints.txt"
+                constraints.write_text("\n".join(plan.constraints) + "\n", encoding="utf-8")
+                for arguments in plan.pip_arguments(str(constraints)):
+                    logging.info("pip install %s", " ".join(arguments))
+                    slicer.util.pip_install(arguments)
+    except InputError:
+        raise
     except Exception as error:
-        logging.error("Installing %s failed: %s", names, error)
+        logging.error("Installing %s failed: %s", lines, error)
         raise InputError(
-            _("Could not install {names}: this computer seems to be offline or the package index is not reachable. "
-              "Connect to the internet and try again, or install the packages from wheel files with "
-              "PythonSlicer -m pip install <wheels>.").format(names=", ".join(names))
+            _("Could not install {names} ({error}). If this computer is offline or the package index is not "
+              "reachable, connect and try again, or install the packages from wheel files with "
+              "PythonSlicer -m pip install <wheels>.").format(names=", ".join(lines), error=error)
         ) from None
     importlib.invalidate_caches()
     return True
 
 
-def _installTorch() -> None:
+def _installTorch(versionRequirement: str) -> None:
+    """PyTorch through PyTorch Utils (the PyTorch extension), which picks the build for this computer's GPU."""
     try:
         import PyTorchUtils
     except ImportError:
-        # Without the PyTorch extension, pip's default build (CPU, or CUDA on Linux) is what we can get.
-        slicer.util.pip_install("torch")
-        return
+        raise InputError(
+            _("PRL Detector installs PyTorch through the PyTorch extension, which is not installed. Install "
+              "'PyTorch' from the Extensions Manager, restart Slicer, and press Detect PRLs again.")
+        ) from None
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=False) is None:
-        raise RuntimeError("the PyTorch extension could not install PyTorch")
+    if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=versionRequirement) is None:
+        raise RuntimeError(f"the PyTorch extension could not install torch{versionRequirement}")
 
 
 #
@@ -371,13 +383,28 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.logic.linkedTable(segmentation)
         if p and table is not p.lesionTable:
             p.lesionTable = table
-        if self.ui.lesionTableView.mrmlTableNode() is not table:
-            self.ui.lesionTableView.setMRMLTableNode(table)
+        self.showLesionTable(table)
         for button in (self.ui.updateBurdenButton, self.ui.editSegmentsButton, self.ui.exportButton,
                        self.ui.addTrainingCaseButton, self.ui.splitSegmentationButton):
             button.enabled = segmentation is not None and not running
         self.showBurden(self.burdenOrNone(segmentation, table))
         self.updateStatusButtons()
+
+    def showLesionTable(self, table) -> None:
+        """The lesion table under the reader's headers (set by the Logic), some columns hidden: LPS copies of the
+        RAS centre and voxel-index boxes (they stay in lesions.csv and in the node for scripts), and the PRL
+        probability columns of a model without a lesion classifier."""
+        view = self.ui.lesionTableView
+        if view.mrmlTableNode() is not table:
+            view.setMRMLTableNode(table)
+        if table is None:
+            return
+        try:
+            hidden = self.logic.hiddenLesionColumns(table)
+        except ImportError:  # a scene with a review, opened before the dependencies are installed
+            return
+        for index in range(table.GetNumberOfColumns()):
+            view.setColumnHidden(index, table.GetColumnName(index) in hidden)
 
     def burdenOrNone(self, segmentation, table):
         if segmentation is None or table is None:
@@ -586,6 +613,7 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Could not change the lesion's status.")):
             self.showBurden(self.logic.setStatus(self._parameterNode.outputSegmentation, lesionId, status))
+            self.showLesionTable(self._parameterNode.lesionTable)
 
     def onEditSegments(self) -> None:
         segmentation = self._parameterNode.outputSegmentation
@@ -622,13 +650,26 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.mainWindow(), _("nnU-Net raw dataset folder (created if empty)"))
         if not folder:
             return
-        caseId = qt.QInputDialog.getText(
-            slicer.util.mainWindow(), _("Add case to training set"),
-            _("Case id (letters, digits, _ and -; empty for the next free one):"))
         with slicer.util.tryWithErrorDisplay(_("The case was not added."), waitCursor=True):
             p = self._parameterNode
-            added = self.logic.addTrainingCase(p.outputSegmentation, folder, p.flairVolume, caseId.strip() or None)
+            added = self.logic.addTrainingCase(p.outputSegmentation, folder, p.flairVolume, askCaseId=self.askCaseId)
+            if added is None:
+                slicer.util.showStatusMessage(_("Cancelled: no case was added."), 3000)
+                return
             slicer.util.showStatusMessage(_("Added case {case} to {folder}").format(case=added, folder=folder), 5000)
+
+    def askCaseId(self, suggested: str) -> str | None:
+        """The case id the reader wants (the next free one offered), or None on Cancel.
+
+        Not the static getText: in PythonQt it returns "" on Cancel, which would read as "the next free id".
+        """
+        dialog = qt.QInputDialog(slicer.util.mainWindow())
+        dialog.setWindowTitle(_("Add case to training set"))
+        dialog.setLabelText(_("Case id (letters, digits, _ and -):"))
+        dialog.setTextValue(suggested)
+        if dialog.exec_() != qt.QDialog.Accepted:
+            return None
+        return dialog.textValue().strip() or suggested
 
     def onLoadGroundTruth(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
@@ -728,6 +769,11 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
 
         return segment_id_of_lesion(segmentationNode, lesionId)
 
+    def hiddenLesionColumns(self, tableNode) -> set:
+        from PRLDetectorLib.mrml.bridge import hidden_columns
+
+        return hidden_columns(tableNode)
+
     def linkedTable(self, segmentationNode):
         if segmentationNode is None:
             return None
@@ -748,14 +794,22 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
     def export(self, segmentationNode, folder, overwrite: bool = False):
         return self.core.export(segmentationNode, folder, overwrite)
 
-    def addTrainingCase(self, segmentationNode, datasetFolder, flairNode=None, caseId=None):
-        return self.core.add_training_case(segmentationNode, datasetFolder, flairNode, caseId)
+    def addTrainingCase(self, segmentationNode, datasetFolder, flairNode=None, caseId=None, askCaseId=None):
+        """Returns the case id added, or None when ``askCaseId`` (given the next free id) returned None."""
+        return self.core.add_training_case(segmentationNode, datasetFolder, flairNode, caseId, askCaseId)
 
     def loadGroundTruth(self, path, qsmNode, connectivity: int = 26):
         return self.core.load_ground_truth(path, qsmNode, connectivity)
 
     def splitSegmentation(self, segmentationNode, qsmNode, connectivity: int = 26):
         return self.core.split_segmentation(segmentationNode, qsmNode, connectivity)
+
+    def loadSampleCase(self):
+        """The sample data "PRLPhantom" (QSM + FLAIR with known PRLs), made on this computer the first time;
+        the same case ``SampleData.downloadSample("PRLPhantom")`` loads."""
+        if not ensureDependencies():
+            return None
+        return self.core.load_sample_case(sampleCacheDirectory())
 
     def loadPhantomCase(self, folder, seed: int = 0, withFlair: bool = True, extentMm=None):
         """A phantom QSM (+FLAIR) with known PRLs, generated locally; ``.ground_truth_path`` is its PRL mask."""
@@ -788,6 +842,18 @@ class PRLDetectorTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_review_of_a_phantom_case()
+        self.setUp()
+        self.test_the_sample_phantom_loads_from_code()
+
+    def test_the_sample_phantom_loads_from_code(self):
+        import SampleData
+
+        self.delayDisplay("SampleData.downloadSample('PRLPhantom')")
+        registerSampleData()
+        qsm = SampleData.downloadSample("PRLPhantom")
+        self.assertEqual(qsm.GetName(), "PRLPhantom QSM")
+        self.assertIsNotNone(slicer.util.getFirstNodeByName("PRLPhantom FLAIR"))
+        self.assertGreater(float(slicer.util.arrayFromVolume(qsm).max()), 0.0)
 
     def test_review_of_a_phantom_case(self):
         import tempfile

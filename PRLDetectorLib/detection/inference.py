@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from PRLDetectorLib.dependencies import check_nnunet_version
 from PRLDetectorLib.detection.models import ModelInfo, load_checkpoints
 from PRLDetectorLib.errors import InputError
 
@@ -93,6 +94,8 @@ def select_brain_tiles(slicers: list[tuple], brain: np.ndarray) -> list[tuple]:
 
 
 def _make_predictor_class():
+    # The methods below override private ones of nnU-Net's predictor: only the release they were written for.
+    check_nnunet_version()
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     class BrainTilePredictor(nnUNetPredictor):

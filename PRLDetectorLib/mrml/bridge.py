@@ -27,6 +27,7 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
+from PRLDetectorLib.detection import headers
 from PRLDetectorLib.detection.burden import Burden, compute_burden
 from PRLDetectorLib.detection.features import LESION_COLUMNS, LesionFeatures
 from PRLDetectorLib.errors import InputError
@@ -35,9 +36,9 @@ from PRLDetectorLib.exports.segments import PRL_TERMINOLOGY, segment_color, segm
 logger = logging.getLogger(__name__)
 
 STATUS_COLUMN = "status"
-TABLE_COLUMNS: tuple[str, ...] = (LESION_COLUMNS[0], STATUS_COLUMN, *LESION_COLUMNS[1:])
-"""The lesion table node: the columns of ``lesions.csv`` and the reader's verdict, shown next to the lesion id
-(a narrow panel shows the first columns)."""
+TABLE_COLUMNS: tuple[str, ...] = headers.view_order((*LESION_COLUMNS, STATUS_COLUMN))
+"""The lesion table node: the columns of ``lesions.csv`` and the reader's verdict, in the order the reader
+reads them (:mod:`~PRLDetectorLib.detection.headers`), the file-only ones last."""
 CSV_COLUMNS: tuple[str, ...] = (*LESION_COLUMNS, STATUS_COLUMN)
 """An exported ``lesions.csv``: the detection's columns in their order, the verdict appended."""
 
@@ -54,7 +55,6 @@ SURFACE_SEGMENT_LIMIT = 300
 that many "lesions" means a threshold or a model gone wrong rather than a case to look at in 3D."""
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
-_UNITS = {"volume_mm3": "mm³", "probability_mean": "", "paramagnetic_edge_fraction": ""}
 
 
 # -- volumes ------------------------------------------------------------------------------------------
@@ -64,7 +64,8 @@ def image_from_volume_node(volume_node) -> sitk.Image:
     """A copy of a scalar volume node's voxels as a SimpleITK image with the same geometry (in LPS).
 
     The node's own geometry is used; a parent transform is not applied (results are placed under the same
-    transform instead, see :func:`segmentation_from_labels`).
+    transform instead, see :func:`segmentation_from_labels`). For a second volume measured with the first,
+    :func:`image_in_frame_of` applies what the reader did in Slicer.
     """
     if volume_node is None or volume_node.GetImageData() is None:
         raise InputError("The volume has no voxels; load an image into it first.")
@@ -77,6 +78,125 @@ def image_from_volume_node(volume_node) -> sitk.Image:
     image.SetOrigin(tuple(_RAS_FROM_LPS @ origin))
     image.SetDirection(tuple((_RAS_FROM_LPS @ _direction_ras(volume_node)).ravel()))
     return image
+
+
+def image_in_frame_of(volume_node, frame_node) -> sitk.Image:
+    """The volume as it lies in Slicer *relative to* ``frame_node``: in that node's own (untransformed) frame.
+
+    A FLAIR the reader aligned to the QSM with a transform (or the QSM itself moved by one) is taken as the
+    reader placed it: the transform from the FLAIR's parent frame to the QSM's parent frame is applied to a
+    copy; the reader's nodes are never changed. A rigid (or axis-scaling) transform changes only the header
+    (origin, axes, spacing), so no voxel is interpolated; one that shears the grid is resampled onto straight
+    axes; a non-linear one is hardened on a temporary copy, which Slicer resamples.
+    """
+    matrix = relative_transform(volume_node, frame_node)
+    if matrix is None:
+        return image_from_volume_node(volume_node)
+    if matrix is NON_LINEAR:
+        return _hardened_copy(volume_node, frame_node)
+    image = image_from_volume_node(volume_node)
+    geometry = _moved_geometry(volume_node, matrix)
+    if geometry is None:
+        return _sheared(image, matrix)
+    spacing, origin_ras, direction_ras = geometry
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    image.SetOrigin(tuple(_RAS_FROM_LPS @ origin_ras))
+    image.SetDirection(tuple((_RAS_FROM_LPS @ direction_ras).ravel()))
+    return image
+
+
+def _moved_geometry(volume_node, matrix_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(spacing, origin, axes) in RAS of the volume's grid moved by a linear transform; None when the moved
+    axes are not orthogonal (a shear), which no image header can hold."""
+    ijk_to_ras = matrix_ras @ _ijk_to_ras(volume_node)
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    direction_ras = ijk_to_ras[:3, :3] / spacing
+    if not np.allclose(direction_ras.T @ direction_ras, np.eye(3), atol=1e-6):
+        return None
+    return spacing, ijk_to_ras[:3, 3], direction_ras
+
+
+def _sheared(image: sitk.Image, matrix_ras: np.ndarray) -> sitk.Image:
+    """An image moved by a linear transform that shears its voxel axes (an affine registration may): no header
+    holds that, so it is resampled (linearly) onto a grid with the image's spacing, the nearest orthonormal
+    axes, and room for every moved voxel."""
+    to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    moved = to_lps @ matrix_ras @ to_lps
+    axes = moved[:3, :3] @ np.reshape(image.GetDirection(), (3, 3))
+    u, _, vt = np.linalg.svd(axes)
+    direction = u @ vt
+    size = image.GetSize()
+    corners = np.array([image.TransformIndexToPhysicalPoint([c * (n - 1) for c, n in zip(corner, size, strict=True)])
+                        for corner in np.ndindex(2, 2, 2)])
+    along = (corners @ moved[:3, :3].T + moved[:3, 3]) @ direction  # moved corners along the new axes
+    spacing = np.array(image.GetSpacing())
+    low, high = along.min(axis=0), along.max(axis=0)
+    grid = sitk.Image([int(n) for n in np.ceil((high - low) / spacing - 1e-6).astype(int) + 1], image.GetPixelID())
+    grid.SetSpacing(tuple(float(v) for v in spacing))
+    grid.SetDirection(tuple(direction.ravel()))
+    grid.SetOrigin(tuple(direction @ low))
+    back = np.linalg.inv(moved)  # Resample maps each grid point back into the image
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(back[:3, :3].ravel()))
+    transform.SetTranslation(tuple(back[:3, 3]))
+    return sitk.Resample(image, grid, transform, sitk.sitkLinear, 0.0, image.GetPixelID())
+
+
+NON_LINEAR = np.full((4, 4), np.nan)
+"""What :func:`relative_transform` returns for a transform that no matrix describes."""
+
+
+def relative_transform(volume_node, frame_node) -> np.ndarray | None:
+    """The RAS matrix from ``volume_node``'s parent frame to ``frame_node``'s (None when both share one frame,
+    :data:`NON_LINEAR` when no matrix describes it)."""
+    source = volume_node.GetParentTransformNode()
+    target = frame_node.GetParentTransformNode() if frame_node is not None else None
+    if source is target:
+        return None
+    between = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(source, target, between)
+    linear = vtk.vtkTransform()
+    if not slicer.vtkMRMLTransformNode.IsGeneralTransformLinear(between, linear):
+        return NON_LINEAR
+    array = slicer.util.arrayFromVTKMatrix(linear.GetMatrix())
+    return None if np.allclose(array, np.eye(4), atol=1e-12) else array
+
+
+def _hardened_copy(volume_node, frame_node) -> sitk.Image:
+    scene = volume_node.GetScene()
+    between = vtk.vtkGeneralTransform()
+    target = frame_node.GetParentTransformNode() if frame_node is not None else None
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume_node.GetParentTransformNode(), target, between)
+    with _temporary_nodes(scene):
+        copy = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "__PRLDetector_hardened__")
+        copy.CopyOrientation(volume_node)
+        voxels = vtk.vtkImageData()
+        voxels.DeepCopy(volume_node.GetImageData())
+        copy.SetAndObserveImageData(voxels)
+        transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "__PRLDetector_transform__")
+        transform.SetAndObserveTransformToParent(between)
+        copy.SetAndObserveTransformNodeID(transform.GetID())
+        copy.HardenTransform()
+        return image_from_volume_node(copy)
+
+
+def transform_record(volume_node, frame_node=None) -> dict | None:
+    """What a reader's transform does to a volume, for ``burden.json``: the transform's name and the RAS matrix
+    from the volume's frame to ``frame_node``'s (to the world when ``frame_node`` is None); None when there
+    is nothing between the two."""
+    matrix = relative_transform(volume_node, frame_node)
+    if matrix is None:
+        return None
+    transform = volume_node.GetParentTransformNode()
+    linear = matrix is not NON_LINEAR
+    return {
+        "volume": volume_node.GetName(),
+        "transform": transform.GetName() if transform is not None else None,
+        "relative_to": frame_node.GetName() if frame_node is not None else "world",
+        "linear": linear,
+        "matrix_ras": matrix.tolist() if linear else None,
+        "resampled": not linear or _moved_geometry(volume_node, matrix) is None,
+    }
 
 
 def update_volume_node_from_image(volume_node, image: sitk.Image) -> None:
@@ -104,6 +224,12 @@ def geometry_image(volume_node) -> sitk.Image:
     image.SetOrigin(tuple(_RAS_FROM_LPS @ np.array(volume_node.GetOrigin(), dtype=float)))
     image.SetDirection(tuple((_RAS_FROM_LPS @ _direction_ras(volume_node)).ravel()))
     return image
+
+
+def _ijk_to_ras(volume_node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def _direction_ras(volume_node) -> np.ndarray:
@@ -211,8 +337,7 @@ def segmentation_from_labels(
 def _import_labels(scene, array: np.ndarray, reference_node, segmentation_node, segment_ids: Sequence[str]) -> None:
     """Import label value v of ``array`` into ``segment_ids[v - 1]``."""
     with _temporary_nodes(scene):
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_import__")
-        labelmap.CopyOrientation(reference_node)
+        labelmap = _labelmap_on(scene, reference_node, "__PRLDetector_import__")
         slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(array, dtype=np.uint16))
         names = vtk.vtkStringArray()
         for segment_id in segment_ids:
@@ -318,10 +443,10 @@ def set_segment_from_array(segmentation_node, segment_id: str, mask: np.ndarray,
     scene = segmentation_node.GetScene()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     with _temporary_nodes(scene):
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_edit__")
-        labelmap.CopyOrientation(reference_node)
+        labelmap = _labelmap_on(scene, reference_node, "__PRLDetector_edit__")
         slicer.util.updateVolumeFromArray(labelmap, array)
-        image = logic.CreateOrientedImageDataFromVolumeNode(labelmap)
+        # The voxels in the segmentation's own frame (its parent transform), as the Segment Editor gives them.
+        image = logic.CreateOrientedImageDataFromVolumeNode(labelmap, segmentation_node.GetParentTransformNode())
     if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
         raise RuntimeError(f"Slicer could not replace the voxels of segment '{segment_id}'.")
 
@@ -356,7 +481,7 @@ def labels_from_segmentation(segmentation_node, reference_node, segment_ids: Seq
         return np.zeros(shape, dtype=np.uint16)
     scene = segmentation_node.GetScene()
     with _temporary_nodes(scene):
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__PRLDetector_export__")
+        labelmap = _labelmap_on(scene, reference_node, "__PRLDetector_export__")
         ids = vtk.vtkStringArray()
         for segment_id in segment_ids:
             ids.InsertNextValue(segment_id)
@@ -409,6 +534,19 @@ def read_segmentation_file(scene, path: str | Path, name: str | None = None):
     node.SetAndObserveStorageNodeID(storage.GetID())
     node.CreateDefaultDisplayNodes()
     return node
+
+
+def _labelmap_on(scene, reference_node, name: str):
+    """A temporary label map node on ``reference_node``'s grid *where the reference is in the world*: under the
+    same parent transform. Slicer maps between a label map and a segmentation through their transforms, so a
+    label map outside the reference's transform would move the lesions by that transform (twice on a round trip).
+    """
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    labelmap.CopyOrientation(reference_node)
+    transform = reference_node.GetParentTransformNode()
+    if transform is not None:
+        labelmap.SetAndObserveTransformNodeID(transform.GetID())
+    return labelmap
 
 
 @contextmanager
@@ -466,6 +604,13 @@ def _lesion_column_types() -> dict[str, type]:
 COLUMN_TYPES: dict[str, type] = {**_lesion_column_types(), STATUS_COLUMN: str}
 
 
+def _number(value: object) -> float:
+    try:
+        return float(value)  # lesions.csv gives extra columns as text; an empty cell is "not measured"
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def lesion_from_row(row: Mapping[str, object]) -> LesionFeatures:
     """Rebuild the LesionFeatures of a table row (the inverse of ``LesionFeatures.as_row``)."""
     columns = iter(LESION_COLUMNS)
@@ -482,11 +627,18 @@ def lesion_from_row(row: Mapping[str, object]) -> LesionFeatures:
 
 
 def lesion_table_node(scene, rows: Sequence[Mapping[str, object]], name: str, table_node=None):
-    """Fill (or create) a table node with the lesion rows: the lesions.csv columns and ``status``."""
+    """Fill (or create) a table node with the lesion rows: the lesions.csv columns and ``status``.
+
+    Columns keep their machine names (scripts and exports read them); the table shows the reader's headers
+    (:mod:`~PRLDetectorLib.detection.headers`) and, when the rows have a PRL probability, the most probable
+    lesion first.
+    """
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    columns = TABLE_COLUMNS
+    rows = headers.view_rows(rows)
     table = vtk.vtkTable()
-    for column in TABLE_COLUMNS:
+    for column in columns:
         kind = COLUMN_TYPES[column]
         array = vtk.vtkStringArray() if kind is str else vtk.vtkIntArray() if kind is int else vtk.vtkDoubleArray()
         array.SetName(column)
@@ -498,20 +650,26 @@ def lesion_table_node(scene, rows: Sequence[Mapping[str, object]], name: str, ta
             elif kind is int:
                 array.SetValue(index, int(value))
             else:
-                array.SetValue(index, float(value))
+                array.SetValue(index, _number(value))
         table.AddColumn(array)
     was_modifying = table_node.StartModify()
     table_node.SetAndObserveTable(table)
     table_node.SetUseColumnTitleAsColumnHeader(True)
-    for column in TABLE_COLUMNS:
-        unit = _UNITS.get(column, "mm" if column.endswith("_mm") else "ppm" if column.endswith("_ppm") else "")
-        if unit:
-            table_node.SetColumnUnitLabel(column, unit)
+    for column in columns:
+        table_node.SetColumnTitle(column, headers.header(column))
+        table_node.SetColumnDescription(column, f"{column} in lesions.csv")  # the header's tooltip
+        if headers.unit(column):
+            table_node.SetColumnUnitLabel(column, headers.unit(column))
     # Statuses change through Confirm/Reject so that the segment tags stay the truth; measurements are
     # measurements. Nobody types into this table.
     table_node.SetLocked(True)
     table_node.EndModify(was_modifying)
     return table_node
+
+
+def hidden_columns(table_node) -> set[str]:
+    """Columns of the table node the panel does not show (see :func:`headers.hidden_in_view`)."""
+    return headers.hidden_in_view(rows_from_table(table_node)) if table_node is not None else set()
 
 
 def rows_from_table(table_node) -> list[dict[str, object]]:

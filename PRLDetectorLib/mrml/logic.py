@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from PRLDetectorLib.detection.burden import Burden
-from PRLDetectorLib.detection.features import format_cell, measure_lesions, read_lesions_csv
+from PRLDetectorLib.detection.features import OPTIONAL_COLUMNS, format_cell, measure_lesions, read_lesions_csv
 from PRLDetectorLib.detection.lesions import find_lesions
 from PRLDetectorLib.detection.models import (
     ModelInfo,
@@ -70,6 +70,7 @@ LIBRARY_PARENT = Path(__file__).resolve().parents[2]
 PROBABILITY_REFERENCE_ROLE = "PRLDetector.Probability"
 SETTINGS_ATTRIBUTE = "PRLDetector.Settings"
 MODEL_ATTRIBUTE = "PRLDetector.Model"
+TRANSFORMS_ATTRIBUTE = "PRLDetector.InputTransforms"
 CLI_ERROR_PREFIX = "prl-detect: error: "
 
 
@@ -90,6 +91,26 @@ class LesionReview:
     segmentation_node: object
     table_node: object
     burden: Burden
+
+
+def input_transforms(qsm_node, flair_node=None) -> dict[str, dict]:
+    """The reader's transforms that detection honours, as ``burden.json`` records them (empty when none).
+
+    Detection measures in the QSM's own scanner frame: the QSM's voxels and header are used as they are and
+    the results are put under the QSM's transform, so they move with it. A FLAIR is taken as the reader placed
+    it relative to the QSM (see :func:`bridge.image_in_frame_of`); automatic registration then starts from there.
+    """
+    record = {}
+    qsm = bridge.transform_record(qsm_node)
+    if qsm is not None:
+        qsm["applied"] = "QSM used in its scanner frame; the results are placed under the same transform"
+        record["qsm"] = qsm
+    flair = bridge.transform_record(flair_node, qsm_node) if flair_node is not None else None
+    if flair is not None:
+        how = "resampled on a copy" if flair["resampled"] else "its header moved on a copy (no interpolation)"
+        flair["applied"] = f"FLAIR taken as the reader aligned it to the QSM: {how}"
+        record["flair"] = flair
+    return record
 
 
 def output_name(qsm_node) -> str:
@@ -123,6 +144,7 @@ class DetectionRun:
         self.work_dir = Path(tempfile.mkdtemp(prefix="PRLDetector-"))
         self.out_dir = self.work_dir / "result"
         self.child: ChildProcess | None = None
+        self.input_transforms: dict[str, dict] = {}
         self.progress = 0.0
         self.message = ""
 
@@ -148,7 +170,9 @@ class DetectionRun:
         flair_path = None
         if self.flair_node is not None:
             flair_path = self.work_dir / "flair.nii"
-            sitk.WriteImage(bridge.image_from_volume_node(self.flair_node), str(flair_path))
+            sitk.WriteImage(bridge.image_in_frame_of(self.flair_node, self.qsm_node), str(flair_path))
+        self.input_transforms = input_transforms(self.qsm_node, self.flair_node)
+        _log_transforms(self.input_transforms)
         self.child = ChildProcess(self.command(qsm_path, flair_path), env=self.environment(), cwd=LIBRARY_PARENT)
         logger.info("Detecting PRLs in '%s' with model '%s'", self.qsm_node.GetName(), self.model.name)
         self.child.start()
@@ -203,7 +227,8 @@ class DetectionRun:
         rows = read_lesions_csv(self.out_dir / LESIONS_NAME)
         review = self.logic.show_detection(self.qsm_node, sitk.GetArrayFromImage(labels), rows)
         record = json.loads((self.out_dir / BURDEN_NAME).read_text(encoding="utf-8"))
-        _annotate(review.segmentation_node, record.get("settings", self.settings.to_dict()), record.get("model", {}))
+        _annotate(review.segmentation_node, record.get("settings", self.settings.to_dict()), record.get("model", {}),
+                  self.input_transforms)
         return review
 
     def cleanup(self) -> None:
@@ -219,9 +244,16 @@ def _strip_level(text: str) -> str:
     return text
 
 
-def _annotate(segmentation_node, settings: Mapping, model: Mapping) -> None:
+def _annotate(segmentation_node, settings: Mapping, model: Mapping, transforms: Mapping | None = None) -> None:
     segmentation_node.SetAttribute(SETTINGS_ATTRIBUTE, json.dumps(dict(settings)))
     segmentation_node.SetAttribute(MODEL_ATTRIBUTE, json.dumps({k: model.get(k) for k in ("name", "version", "path")}))
+    segmentation_node.SetAttribute(TRANSFORMS_ATTRIBUTE, json.dumps(dict(transforms or {})))
+
+
+def _log_transforms(transforms: Mapping[str, Mapping]) -> None:
+    for role, record in transforms.items():
+        logger.info("%s '%s' is moved by transform '%s' in Slicer: %s.", role.upper(), record["volume"],
+                    record["transform"], record["applied"])
 
 
 class SceneLogic:
@@ -316,16 +348,20 @@ class SceneLogic:
         if self._detector is None or self._detector.settings != settings:
             self._detector = Detector(dataclasses.replace(settings), self._extra_dirs())
         qsm = bridge.image_from_volume_node(qsm_node)
-        flair = bridge.image_from_volume_node(flair_node) if flair_node is not None else None
+        flair = bridge.image_in_frame_of(flair_node, qsm_node) if flair_node is not None else None
+        transforms = input_transforms(qsm_node, flair_node)
+        _log_transforms(transforms)
         result = self._detector.detect(qsm, flair, progress)
         rows = bridge.rows_with_status(result.lesions, {})
         probability = bridge.add_volume_node(self.scene, result.probability, f"{qsm_node.GetName()} PRL probability")
         probability.HideFromEditorsOn()
+        if qsm_node.GetParentTransformNode() is not None:
+            probability.SetAndObserveTransformNodeID(qsm_node.GetParentTransformNode().GetID())
         review = self.show_detection(qsm_node, sitk.GetArrayFromImage(result.labels), rows)
         review.segmentation_node.SetNodeReferenceID(PROBABILITY_REFERENCE_ROLE, probability.GetID())
         bridge.place_next_to(self.scene, probability, qsm_node)
         model = {"name": result.model.name, "version": result.model.version, "path": str(result.model.path)}
-        _annotate(review.segmentation_node, settings.to_dict(), model)
+        _annotate(review.segmentation_node, settings.to_dict(), model, transforms)
         return review
 
     def show_detection(self, qsm_node, labels: np.ndarray, rows: Sequence[Mapping[str, object]]) -> LesionReview:
@@ -389,7 +425,7 @@ class SceneLogic:
             if old is not None and _same_voxels(old, row):
                 # The classifier judged this outline: an untouched lesion keeps its PRL probability (an edited
                 # one is the reader's call now, and its status says what they decided).
-                for column in ("prl_probability", "prl_uncertainty"):
+                for column in sorted(OPTIONAL_COLUMNS):
                     row[column] = old.get(column, math.nan)
                 if probability is None:
                     # Without the probability map an untouched lesion keeps the value detection measured.
@@ -487,14 +523,9 @@ class SceneLogic:
     ) -> PhantomNodes:
         """Load a phantom case with known PRLs, generated on this computer the first time (nothing is downloaded)."""
         from PRLDetectorLib.detection.images import read_image
-        from PRLDetectorLib.phantom.phantom import generate_case, write_case
+        from PRLDetectorLib.phantom.sample import generated_case
 
-        case_dir = Path(folder) / case_id
-        if not (case_dir / "truth.json").is_file():
-            logger.info("Generating the phantom case '%s' (seed %d) in %s", case_id, seed, case_dir)
-            if case_dir.exists():
-                shutil.rmtree(case_dir)
-            write_case(generate_case(case_id, seed, with_flair=with_flair, extent_mm=extent_mm), Path(folder))
+        case_dir = generated_case(folder, case_id, seed, with_flair, extent_mm)
         qsm_node = bridge.add_volume_node(self.scene, read_image(case_dir / "qsm.nii.gz", "QSM"), f"{case_id} QSM")
         flair_node = None
         if (case_dir / "flair.nii.gz").is_file():
@@ -502,6 +533,12 @@ class SceneLogic:
         truth = json.loads((case_dir / "truth.json").read_text(encoding="utf-8"))
         logger.info("Phantom '%s': %d PRL(s); ground truth in %s", case_id, truth.get("prl_count", 0), case_dir / "gt_prl.nii.gz")
         return PhantomNodes(qsm_node, flair_node, case_dir / "gt_prl.nii.gz", truth)
+
+    def load_sample_case(self, folder: str | Path, extent_mm: float | None = None) -> PhantomNodes:
+        """The sample data "PRLPhantom" (QSM + FLAIR, the same case SampleData loads), from ``folder``."""
+        from PRLDetectorLib.phantom.sample import SAMPLE_NAME, SAMPLE_SEED
+
+        return self.load_phantom_case(folder, SAMPLE_SEED, True, extent_mm, SAMPLE_NAME)
 
     # -- export ---------------------------------------------------------------------------------------------
 
@@ -520,7 +557,8 @@ class SceneLogic:
         review = self.update_burden(segmentation_node)
         qsm_node = self._reference(segmentation_node)
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows = bridge.rows_from_table(review.table_node)
+        # Files keep lesion order (the panel may show the most probable PRL first).
+        rows = sorted(bridge.rows_from_table(review.table_node), key=lambda row: int(row["lesion_id"]))
 
         with atomic_path(paths[LESIONS_NAME]) as partial:
             _write_rows_csv(partial, rows)
@@ -543,21 +581,34 @@ class SceneLogic:
             "segmentation": segmentation_node.GetName(),
             "settings": _json_attribute(segmentation_node, SETTINGS_ATTRIBUTE),
             "model": _json_attribute(segmentation_node, MODEL_ATTRIBUTE),
+            "input_transforms": _json_attribute(segmentation_node, TRANSFORMS_ATTRIBUTE) or {},
         }
         with atomic_path(paths[BURDEN_NAME]) as partial:
             partial.write_text(json.dumps(record, indent=2), encoding="utf-8")
         logger.info("Exported the review of '%s' to %s", segmentation_node.GetName(), out_dir)
         return paths
 
-    def add_training_case(self, segmentation_node, dataset_dir: str | Path, flair_node=None, case_id: str | None = None) -> str:
-        """Add the QSM (+FLAIR) and the reviewed mask (rejected lesions left out) to an nnU-Net raw dataset."""
-        from PRLDetectorLib.training.dataset import add_case
+    def add_training_case(
+        self, segmentation_node, dataset_dir: str | Path, flair_node=None, case_id: str | None = None,
+        ask_case_id: Callable[[str], str | None] | None = None,
+    ) -> str | None:
+        """Add the QSM (+FLAIR) and the reviewed mask (rejected lesions left out) to an nnU-Net raw dataset.
+
+        ``case_id`` None takes the next free id. ``ask_case_id`` (the panel's question) is given that id and
+        returns the one to use, or None when the reader cancels: then nothing is written and None returned.
+        """
+        from PRLDetectorLib.training.dataset import add_case, next_case_id
 
         qsm_node = self._reference(segmentation_node)
+        if ask_case_id is not None:
+            case_id = ask_case_id(case_id or next_case_id(dataset_dir))
+            if case_id is None:
+                logger.info("Adding the case to '%s' was cancelled; nothing was written.", dataset_dir)
+                return None
         kept = [s.segment_id for s in bridge.lesion_segments(segmentation_node) if s.status != bridge.REJECTED]
         mask = (bridge.labels_from_segmentation(segmentation_node, qsm_node, kept) > 0).astype(np.uint8)
         qsm = bridge.image_from_volume_node(qsm_node)
-        flair = bridge.image_from_volume_node(flair_node) if flair_node is not None else None
+        flair = bridge.image_in_frame_of(flair_node, qsm_node) if flair_node is not None else None
         return add_case(dataset_dir, qsm, mask, flair, case_id)
 
 

@@ -54,6 +54,13 @@ def model_inputs(qsm: sitk.Image, flair: sitk.Image | None) -> dict[str, sitk.Im
     return out
 
 
+def next_case_id(dataset_dir: str | Path) -> str:
+    """The first ``case_NNNN`` the dataset does not hold yet (a case is in when its label is)."""
+    labels_dir = Path(dataset_dir) / "labelsTr"
+    taken = {p.name.removesuffix(".nii.gz") for p in labels_dir.glob("*.nii.gz")} if labels_dir.is_dir() else set()
+    return next(f"case_{i:04d}" for i in range(len(taken) + 1) if f"case_{i:04d}" not in taken)
+
+
 def add_case(
     dataset_dir: str | Path, qsm: sitk.Image, mask: sitk.Image | np.ndarray, flair: sitk.Image | None = None,
     case_id: str | None = None,
@@ -79,8 +86,7 @@ def add_case(
     images_dir.mkdir(parents=True, exist_ok=True)
     labels_dir.mkdir(parents=True, exist_ok=True)
     if case_id is None:
-        taken = {p.name.removesuffix(".nii.gz") for p in labels_dir.glob("*.nii.gz")}
-        case_id = next(f"case_{i:04d}" for i in range(len(taken) + 1) if f"case_{i:04d}" not in taken)
+        case_id = next_case_id(dataset_dir)
     if not CASE_ID.match(case_id):
         raise InputError(f"The case id '{case_id}' has characters nnU-Net cannot use; use letters, digits, _ and -.")
     if (labels_dir / f"{case_id}.nii.gz").exists():

@@ -297,7 +297,7 @@ def test_lesion_rows_round_trip_through_a_table_node_with_their_types(scene, qsm
     rows = _rows(qsm_node, oblique_case[1], {2: bridge.REJECTED})
     table = bridge.lesion_table_node(scene, rows, "lesions")
     columns = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
-    assert columns == ["lesion_id", "status", *LESION_COLUMNS[1:]]
+    assert columns == list(bridge.TABLE_COLUMNS) and sorted(columns) == sorted([*LESION_COLUMNS, "status"])
     assert table.GetNumberOfRows() == len(rows)
     assert table.GetTable().GetColumnByName("lesion_id").IsA("vtkIntArray")
     assert table.GetTable().GetColumnByName("volume_mm3").IsA("vtkDoubleArray")
@@ -368,3 +368,194 @@ def test_lesion_ids_with_gaps_keep_their_own_voxels(scene, qsm_node, oblique_cas
     for lesion_id in (3, 7):
         exported = bridge.labels_from_segmentation(segmentation, qsm_node, [f"PRL_{lesion_id}"])
         assert np.array_equal(exported == 1, gappy == lesion_id)
+
+
+# -- transforms (a volume moved in Slicer: parent transform, or hardened into its geometry) ------------------------
+
+
+def _moving_transform(scene, name: str = "moved by the reader"):
+    """A rigid transform node: rotation about all three axes plus a translation of several voxels."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = _rotation(0.12, -0.2, 0.3)
+    matrix[:3, 3] = (5.0, -3.5, 2.25)
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    return node
+
+
+def _reference_node(scene, which: str, oblique_case, flair_case):
+    """The QSM of the oblique case, or a FLAIR on its own grid, and lesion labels on that grid."""
+    if which == "qsm":
+        return bridge.add_volume_node(scene, oblique_case[0], "QSM"), oblique_case[1]
+    flair, labels = flair_case
+    return bridge.add_volume_node(scene, flair, "FLAIR"), labels
+
+
+@pytest.fixture(scope="module")
+def flair_case():
+    """A FLAIR on its own (coarser, tilted) grid, with lesion labels drawn on that grid."""
+    case = generate_case("bridge_flair", seed=5, extent_mm=48, n_prl=3, with_flair=True)
+    labels = sitk.Resample(case.gt_instances, case.flair, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    array = sitk.GetArrayFromImage(labels).astype(np.uint16)
+    assert len(np.unique(array)) > 2
+    return case.flair, array
+
+
+@pytest.mark.parametrize("which", ["qsm", "flair"])
+@pytest.mark.parametrize("hardened", [False, True], ids=["parent-transform", "hardened"])
+def test_segments_of_a_moved_volume_come_back_on_the_same_voxels(scene, oblique_case, flair_case, which, hardened):
+    reference, labels = _reference_node(scene, which, oblique_case, flair_case)
+    reference.SetAndObserveTransformNodeID(_moving_transform(scene).GetID())
+    if hardened:
+        reference.HardenTransform()
+        assert reference.GetParentTransformNode() is None
+    segmentation = bridge.segmentation_from_labels(scene, labels, reference, "PRLs")
+    lookup = np.array([0, *_ids(labels)], dtype=np.uint16)
+    assert np.array_equal(lookup[bridge.labels_from_segmentation(segmentation, reference)], labels)
+
+
+def test_segments_sit_on_the_moved_volume_in_the_world(scene, qsm_node, oblique_case):
+    """Where a lesion shows in Slicer: its segment's centre in world RAS is its voxels' centre through the transform."""
+    transform = _moving_transform(scene)
+    qsm_node.SetAndObserveTransformNodeID(transform.GetID())
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    qsm_node.GetIJKToRASMatrix(ijk_to_ras)
+    to_parent = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToParent(to_parent)
+    to_world = slicer.util.arrayFromVTKMatrix(to_parent) @ slicer.util.arrayFromVTKMatrix(ijk_to_ras)
+    for lesion_id in _ids(labels)[:2]:
+        kji = np.argwhere(labels == lesion_id).mean(axis=0)
+        expected = (to_world @ np.array([kji[2], kji[1], kji[0], 1.0]))[:3]
+        center = bridge.segment_center_ras(segmentation, f"PRL_{lesion_id}")
+        # GetSegmentCenterRAS is the centre of the bounding box, not the centroid: within a lesion's size.
+        assert np.linalg.norm(np.subtract(center, expected)) < 4.0, (center, expected)
+
+
+def test_a_segment_repainted_on_a_moved_volume_keeps_its_voxels(scene, qsm_node, oblique_case):
+    qsm_node.SetAndObserveTransformNodeID(_moving_transform(scene).GetID())
+    labels = oblique_case[1]
+    segmentation = bridge.segmentation_from_labels(scene, labels, qsm_node, "PRLs")
+    lesion = labels == 1
+    half = lesion.copy()
+    half.ravel()[np.flatnonzero(lesion)[: lesion.sum() // 2]] = False
+    bridge.set_segment_from_array(segmentation, "PRL_1", half, qsm_node)
+    assert np.array_equal(bridge.labels_from_segmentation(segmentation, qsm_node, ["PRL_1"]) == 1, half)
+
+
+def test_a_volume_in_the_frame_of_another_carries_the_transform_between_them_in_its_header(scene, oblique_case):
+    """A FLAIR aligned to a moved QSM: in the QSM's own frame, every voxel sits where the two transforms put it."""
+    image = oblique_case[0]
+    flair = bridge.add_volume_node(scene, image, "FLAIR")
+    qsm = bridge.add_volume_node(scene, image, "QSM")
+    qsm_move = _moving_transform(scene, "QSM placement")
+    qsm.SetAndObserveTransformNodeID(qsm_move.GetID())
+    flair_move = _moving_transform(scene, "FLAIR alignment")
+    shift = np.eye(4)
+    shift[:3, 3] = (-7.0, 2.0, 11.0)
+    to_parent = vtk.vtkMatrix4x4()
+    flair_move.GetMatrixTransformToParent(to_parent)
+    flair_move.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift @ slicer.util.arrayFromVTKMatrix(to_parent)))
+    flair.SetAndObserveTransformNodeID(flair_move.GetID())
+    before = bridge.image_from_volume_node(flair)
+
+    moved = bridge.image_in_frame_of(flair, qsm)
+
+    assert np.array_equal(sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(image)), "a rigid move interpolates nothing"
+    # (qsm transform)^-1 . shift . (qsm transform) applied to every voxel centre, in RAS.
+    expected = np.linalg.inv(slicer.util.arrayFromVTKMatrix(to_parent)) @ shift @ slicer.util.arrayFromVTKMatrix(to_parent)
+    for index in ((0, 0, 0), tuple(s - 1 for s in image.GetSize()), (3, 17, 5)):
+        lps = np.array(image.TransformIndexToPhysicalPoint(index))
+        ras = expected @ np.array([-lps[0], -lps[1], lps[2], 1.0])
+        assert np.allclose(moved.TransformIndexToPhysicalPoint(index), (-ras[0], -ras[1], ras[2]), atol=1e-6)
+    record = bridge.transform_record(flair, qsm)
+    assert record["transform"] == "FLAIR alignment" and record["relative_to"] == "QSM" and record["linear"]
+    assert record["resampled"] is False
+    assert np.allclose(record["matrix_ras"], expected, atol=1e-9)
+    # The reader's node is not touched.
+    after = bridge.image_from_volume_node(flair)
+    assert after.GetOrigin() == before.GetOrigin() and after.GetDirection() == before.GetDirection()
+    assert flair.GetParentTransformNode() is flair_move
+    assert bridge.image_in_frame_of(qsm, qsm).GetOrigin() == bridge.image_from_volume_node(qsm).GetOrigin()
+    assert bridge.transform_record(qsm, qsm) is None
+
+
+def test_a_non_linear_transform_is_hardened_on_a_copy(scene):
+    """A displacement-grid transform (as a deformable registration gives): Slicer resamples a temporary copy."""
+    voxels = np.zeros((20, 24, 28), np.float32)
+    voxels[8:12, 10:14, 12:16] = 1.0
+    flair = bridge.add_volume_node(scene, sitk.GetImageFromArray(voxels), "FLAIR")
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(6, 6, 6)
+    grid.SetSpacing(10, 10, 10)
+    grid.SetOrigin(-20, -20, -20)
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    grid.GetPointData().GetScalars().Fill(0.0)
+    grid.GetPointData().GetScalars().FillComponent(0, 3.0)  # 3 mm towards R everywhere
+    warp = slicer.vtkOrientedGridTransform()
+    warp.SetDisplacementGridData(grid)
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    node.SetAndObserveTransformToParent(warp)
+    flair.SetAndObserveTransformNodeID(node.GetID())
+    nodes = scene.GetNumberOfNodes()
+
+    moved = bridge.image_in_frame_of(flair, None)
+
+    assert scene.GetNumberOfNodes() == nodes
+    assert flair.GetParentTransformNode() is node and np.array_equal(slicer.util.arrayFromVolume(flair), voxels)
+    inside = np.argwhere(sitk.GetArrayFromImage(moved) > 0.5)
+    centre_lps = moved.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in inside.mean(axis=0)[::-1]))
+    assert np.allclose(centre_lps, (13.5 - 3.0, 11.5, 9.5), atol=0.51)  # R is -x in LPS
+    assert bridge.transform_record(flair)["linear"] is False and bridge.transform_record(flair)["resampled"]
+
+
+# -- the lesion table as the reader sees it ------------------------------------------------------------------------
+
+
+def _titles(table) -> dict[str, str]:
+    return {table.GetColumnName(i): table.GetColumnTitle(table.GetColumnName(i)) for i in range(table.GetNumberOfColumns())}
+
+
+def test_the_panel_table_shows_readers_headers_and_ras_first_while_columns_keep_machine_names(scene, qsm_node, oblique_case):
+    from PRLDetectorLib.detection import headers
+
+    table = bridge.lesion_table_node(scene, _rows(qsm_node, oblique_case[1]), "lesions")
+    titles = _titles(table)
+    assert set(titles) == set(LESION_COLUMNS) | {"status"}, "the node keeps every machine column for scripts"
+    assert table.GetUseColumnTitleAsColumnHeader()
+    assert titles["volume_mm3"] == "Volume (mm³)" and titles["paramagnetic_edge_fraction"] == "Rim coverage"
+    assert titles["centroid_ras_x_mm"] == "Centre R (mm)" and titles["lesion_id"] == "PRL"
+    assert all(title != name for name, title in titles.items()), "a column shows its machine name"
+    hidden = bridge.hidden_columns(table)
+    shown = [name for name in titles if name not in hidden]
+    assert shown[:3] == ["lesion_id", "status", "volume_mm3"]
+    assert {"centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm"} <= set(shown)
+    assert not any("lps" in name or "bbox" in name for name in shown)
+    assert {"prl_probability", "prl_uncertainty"} <= hidden, "no lesion classifier ran: nothing to show"
+    # The file-only columns come last, so a narrow panel shows the reader's columns first.
+    names = list(titles)
+    assert names[-len(headers.FILE_ONLY):] == [c for c in names if c in headers.FILE_ONLY]
+    assert table.GetColumnUnitLabel("volume_mm3") == "mm³" and "volume_mm3" in table.GetColumnDescription("volume_mm3")
+
+
+def test_prl_probability_and_uncertainty_are_shown_when_present_and_sort_the_table(scene, qsm_node, oblique_case):
+    rows = _rows(qsm_node, oblique_case[1])
+    probabilities = {1: 0.35, 2: 0.9, 3: math.nan}  # lesion 3: the classifier gave nothing
+    with_probability = [
+        {**row, "prl_probability": probabilities.get(row["lesion_id"], 0.6), "prl_uncertainty": 0.05} for row in rows
+    ]
+    table = bridge.lesion_table_node(scene, with_probability, "lesions")
+    titles = _titles(table)
+    assert titles["prl_probability"] == "PRL probability" and titles["prl_uncertainty"] == "Uncertainty (±)"
+    assert list(titles)[2:4] == ["prl_probability", "prl_uncertainty"]
+    assert not {"prl_probability", "prl_uncertainty"} & bridge.hidden_columns(table)
+    back = bridge.rows_from_table(table)
+    ids = [r["lesion_id"] for r in back]
+    assert ids[0] == 2 and ids[-1] == 3, "most probable first, lesions without a probability last"
+    values = [r["prl_probability"] for r in back]
+    assert values[:-1] == sorted(values[:-1], reverse=True) and math.isnan(values[-1])
+    assert all(r["prl_uncertainty"] == pytest.approx(0.05) for r in back)
+    # Without a classifier's values (a model without one) the table keeps the lesions' order.
+    plain = bridge.lesion_table_node(scene, rows, "plain")
+    assert [r["lesion_id"] for r in bridge.rows_from_table(plain)] == [r["lesion_id"] for r in rows]

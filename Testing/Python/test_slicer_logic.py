@@ -5,6 +5,7 @@ The same scenario runs inside Slicer as the module self-test (``PRLDetectorTest`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -162,6 +163,38 @@ def test_detection_rows_from_lesions_csv_keep_their_probability_until_the_lesion
     assert all(rows[i]["probability_mean"] == pytest.approx(0.8) for i in rows if i != 1)
 
 
+def test_a_models_prl_probability_orders_the_review_survives_updates_of_untouched_lesions_and_is_exported(
+    logic, qsm_node, phantom_dir, tmp_path
+):
+    qsm = bridge.image_from_volume_node(qsm_node)
+    labels = _components(phantom_dir, qsm_node)
+    probability = {i: round(0.3 + 0.2 * i, 2) for i in range(1, int(labels.max()) + 1)}
+    lesions = [dataclasses.replace(lesion, prl_probability=probability[lesion.lesion_id], prl_uncertainty=0.04)
+               for lesion in measure_lesions(labels, sitk.GetArrayViewFromImage(qsm), qsm)]
+    write_lesions_csv(tmp_path / "lesions.csv", lesions)  # as a model with a lesion classifier writes it
+
+    review = logic.show_detection(qsm_node, labels, read_lesions_csv(tmp_path / "lesions.csv"))
+    table = review.table_node
+    assert table.GetColumnTitle("prl_probability") == "PRL probability"
+    shown = [r["lesion_id"] for r in bridge.rows_from_table(table)]
+    assert shown == sorted(probability, key=probability.get, reverse=True)
+
+    segmentation = review.segmentation_node
+    edited = bridge.segment_id_of_lesion(segmentation, 1)
+    mask = bridge.labels_from_segmentation(segmentation, qsm_node, [edited]) > 0
+    mask.ravel()[np.flatnonzero(mask)[:1]] = False
+    bridge.set_segment_from_array(segmentation, edited, mask, qsm_node)
+    rows = _rows_by_id(logic.update_burden(segmentation).table_node)
+    assert math.isnan(rows[1]["prl_probability"]), "an edited lesion was not classified again"
+    assert all(rows[i]["prl_probability"] == pytest.approx(probability[i]) for i in rows if i != 1)
+    assert [r["lesion_id"] for r in bridge.rows_from_table(table)][-1] == 1
+
+    paths = logic.export(segmentation, tmp_path / "out")
+    lines = paths["lesions.csv"].read_text(encoding="utf-8").splitlines()
+    assert lines[0].split(",") == [*LESION_COLUMNS, "status"]
+    assert [int(line.split(",")[0]) for line in lines[1:]] == sorted(probability), "files stay in lesion order"
+
+
 def test_a_segment_in_two_pieces_stays_one_lesion(logic, review, qsm_node):
     segmentation = review.segmentation_node
     before = _rows_by_id(review.table_node)
@@ -242,6 +275,18 @@ def test_an_empty_mask_is_refused(logic, qsm_node, tmp_path):
         logic.load_ground_truth(tmp_path / "empty.nii.gz", qsm_node)
 
 
+def test_the_sample_case_loads_as_qsm_and_flair_nodes_with_its_ground_truth_and_is_made_once(logic, tmp_path):
+    sample = logic.load_sample_case(tmp_path / "cache", extent_mm=48)
+    assert sample.qsm_node.GetName() == "PRLPhantom QSM" and sample.flair_node.GetName() == "PRLPhantom FLAIR"
+    assert sample.ground_truth_path.is_file() and sample.truth["prl_count"] >= 0
+    assert slicer.util.arrayFromVolume(sample.qsm_node).shape == sitk.GetArrayFromImage(
+        sitk.ReadImage(str(sample.ground_truth_path))).shape
+    stamp = (tmp_path / "cache" / "PRLPhantom" / "qsm.nii.gz").stat().st_mtime_ns
+    again = logic.load_sample_case(tmp_path / "cache", extent_mm=48)
+    assert (tmp_path / "cache" / "PRLPhantom" / "qsm.nii.gz").stat().st_mtime_ns == stamp
+    assert again.qsm_node is not sample.qsm_node
+
+
 # -- export and training set ----------------------------------------------------------------------------------------
 
 
@@ -295,6 +340,28 @@ def test_a_reviewed_case_joins_an_nnunet_training_set_without_rejected_lesions(l
     kept = [s.segment_id for s in bridge.lesion_segments(segmentation) if s.status != bridge.REJECTED]
     assert np.array_equal(label > 0, bridge.labels_from_segmentation(segmentation, qsm_node, kept) > 0)
     assert (tmp_path / "Dataset" / "imagesTr" / f"{case_id}_0000.nii.gz").is_file()
+
+
+def test_cancelling_the_case_id_question_adds_nothing(logic, review, tmp_path):
+    asked = []
+
+    def cancel(suggested: str) -> None:
+        asked.append(suggested)
+        return None
+
+    assert logic.add_training_case(review.segmentation_node, tmp_path / "Dataset", ask_case_id=cancel) is None
+    assert asked == ["case_0000"]
+    assert not (tmp_path / "Dataset").exists()
+
+
+def test_the_case_id_question_offers_the_next_free_id_and_takes_the_readers_answer(logic, review, tmp_path):
+    dataset = tmp_path / "Dataset"
+    first = logic.add_training_case(review.segmentation_node, dataset, ask_case_id=lambda suggested: suggested)
+    asked = []
+    second = logic.add_training_case(
+        review.segmentation_node, dataset, ask_case_id=lambda suggested: asked.append(suggested) or "reader-7")
+    assert (first, asked, second) == ("case_0000", ["case_0001"], "reader-7")
+    assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["case_0000.nii.gz", "reader-7.nii.gz"]
 
 
 # -- detection in a child process -------------------------------------------------------------------------------------
@@ -421,3 +488,173 @@ def test_bundled_model_detection_in_a_child_process_and_in_process_agree_and_nev
     assert again.segmentation_node is not segmentation
     assert "added by hand" in [s.name for s in bridge.lesion_segments(segmentation)]
     assert [r["voxels"] for r in bridge.rows_from_table(again.table_node)] == [r["voxels"] for r in rows]
+
+
+# -- volumes the reader moved in Slicer (parent transforms) -------------------------------------------------------------
+
+
+def _transform_node(scene, matrix: np.ndarray, name: str):
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    return node
+
+
+def _rigid(angles: tuple[float, float, float], translation: tuple[float, float, float]) -> np.ndarray:
+    rotation = sitk.Euler3DTransform((0, 0, 0), *angles, (0, 0, 0)).GetMatrix()
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.reshape(rotation, (3, 3))
+    matrix[:3, 3] = translation
+    return matrix
+
+
+QSM_MOVE = _rigid((0.1, -0.15, 0.25), (6.0, -4.5, 3.25))
+"""Where the reader put the QSM in Slicer (a translation and a rotation)."""
+FLAIR_HEADER_ERROR = _rigid((-0.2, 0.05, 0.3), (-12.0, 9.0, 5.0))
+"""How far the FLAIR's own header is off (RAS): the reader corrected it with a transform in Slicer."""
+
+
+def _displaced(image: sitk.Image, ras_matrix: np.ndarray) -> sitk.Image:
+    """The same voxels with a header moved by ``ras_matrix`` (RAS), as a scan whose header is off would be."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    moved = lps @ ras_matrix @ lps
+    out = sitk.Image(image)
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    out.SetDirection(tuple((moved[:3, :3] @ direction).ravel()))
+    out.SetOrigin(tuple(moved[:3, :3] @ np.array(image.GetOrigin()) + moved[:3, 3]))
+    return out
+
+
+@pytest.fixture
+def moved_case(scene, qsm_node):
+    """The QSM under the reader's transform, and a FLAIR (here the QSM's own voxels: on the QSM grid once its
+    header error is undone) whose header is off and which the reader aligned to the moved QSM with a transform."""
+    qsm_transform = _transform_node(scene, QSM_MOVE, "QSM placement")
+    qsm_node.SetAndObserveTransformNodeID(qsm_transform.GetID())
+    qsm = bridge.image_from_volume_node(qsm_node)
+    flair_node = bridge.add_volume_node(scene, _displaced(qsm, FLAIR_HEADER_ERROR), "FLAIR")
+    alignment = _transform_node(scene, QSM_MOVE @ np.linalg.inv(FLAIR_HEADER_ERROR), "FLAIR to QSM")
+    flair_node.SetAndObserveTransformNodeID(alignment.GetID())
+    return qsm_node, flair_node
+
+
+def _components(phantom_dir, qsm_node) -> np.ndarray:
+    gt = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom_dir / "gt_prl.nii.gz")))
+    return find_lesions(gt, qsm_node.GetSpacing(), 0, 26)
+
+
+def test_review_update_and_export_of_a_moved_qsm_measure_the_lesions_own_voxels(logic, moved_case, phantom_dir, tmp_path):
+    qsm_node, _ = moved_case
+    truth = _components(phantom_dir, qsm_node)
+    unmoved = logic.split_into_lesions(truth > 0, bridge.add_volume_node(
+        logic.scene, bridge.image_from_volume_node(qsm_node), "same QSM, not moved"))
+    expected = _rows_by_id(unmoved.table_node)
+
+    review = logic.load_ground_truth(phantom_dir / "gt_prl.nii.gz", qsm_node)
+    rows = _rows_by_id(review.table_node)
+    assert sorted(rows) == sorted(expected)
+    for lesion_id, row in rows.items():
+        for column in ("voxels", "centroid_ras_x_mm", "centroid_ras_y_mm", "centroid_ras_z_mm", "qsm_mean_ppm"):
+            assert row[column] == pytest.approx(expected[lesion_id][column], abs=1e-6), (lesion_id, column)
+    # The views centre on the lesion where Slicer shows it: its scanner-space centroid through the QSM's transform.
+    center = np.array([*logic.lesion_center_ras(review.segmentation_node, 1), 1.0])
+    ijk = np.linalg.inv(QSM_MOVE @ _ijk_to_ras(qsm_node)) @ center
+    assert truth[tuple(np.round(ijk[2::-1]).astype(int))] == 1
+
+    paths = logic.export(review.segmentation_node, tmp_path / "out")
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["prl_labels.nii.gz"])))
+    assert np.array_equal(exported, truth)
+    seg = slicerio.read_segmentation(str(paths["prl.seg.nrrd"]))
+    assert sum(int(np.count_nonzero(np.asarray(seg["voxels"]) == s["labelValue"])) for s in seg["segments"]) == int(
+        (truth > 0).sum())
+
+
+def _ijk_to_ras(volume_node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def test_a_moved_case_joins_the_training_set_with_its_own_voxels_and_the_readers_flair_alignment(
+    logic, moved_case, phantom_dir, tmp_path
+):
+    qsm_node, flair_node = moved_case
+    truth = _components(phantom_dir, qsm_node)
+    review = logic.load_ground_truth(phantom_dir / "gt_prl.nii.gz", qsm_node)
+    case_id = logic.add_training_case(review.segmentation_node, tmp_path / "Dataset", flair_node)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "Dataset" / "labelsTr" / f"{case_id}.nii.gz")))
+    assert np.array_equal(label > 0, truth > 0)
+    # The FLAIR as the reader aligned it lies exactly on the QSM grid: its channel is its own voxels, masked.
+    flair = sitk.ReadImage(str(tmp_path / "Dataset" / "imagesTr" / f"{case_id}_0001.nii.gz"))
+    qsm = sitk.ReadImage(str(tmp_path / "Dataset" / "imagesTr" / f"{case_id}_0000.nii.gz"))
+    qsm_voxels, flair_voxels = sitk.GetArrayFromImage(qsm), sitk.GetArrayFromImage(flair)
+    brain = flair_voxels != 0
+    assert brain.mean() > 0.2
+    assert np.allclose(flair_voxels[brain], qsm_voxels[brain], atol=1e-6)
+
+
+def _fake_flair_model(models_dir: Path) -> Path:
+    folder = _fake_model(models_dir, "fake_flair")
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "QSM", "1": "FLAIR"}, "labels": {"background": 0, "prl": 1}, "file_ending": ".nii.gz",
+    }), encoding="utf-8")
+    return folder
+
+
+def test_detection_gets_the_flair_as_the_reader_aligned_it_and_leaves_the_readers_nodes_alone(logic, moved_case):
+    qsm_node, flair_node = moved_case
+    _fake_flair_model(logic.models_dir)
+    before = _ijk_to_ras(flair_node), flair_node.GetParentTransformNode()
+    run = logic.start_detection(qsm_node, flair_node, DetectionSettings(model="fake_flair"))
+    try:
+        run.wait(timeout=120)
+        qsm = sitk.ReadImage(str(run.work_dir / "qsm.nii"))
+        flair = sitk.ReadImage(str(run.work_dir / "flair.nii"))
+    finally:
+        run.cleanup()
+    # In the QSM's own (scanner) frame, where the child measures and the results come back to.
+    assert qsm.GetOrigin() == pytest.approx(bridge.image_from_volume_node(qsm_node).GetOrigin())
+    assert np.allclose(flair.GetOrigin(), qsm.GetOrigin(), atol=1e-4)
+    assert np.allclose(flair.GetDirection(), qsm.GetDirection(), atol=1e-6)
+    assert np.allclose(flair.GetSpacing(), qsm.GetSpacing(), atol=1e-6)
+    assert np.array_equal(_ijk_to_ras(flair_node), before[0]) and flair_node.GetParentTransformNode() is before[1]
+    record = run.input_transforms
+    assert record["flair"]["transform"] == "FLAIR to QSM" and record["qsm"]["transform"] == "QSM placement"
+    relative = np.linalg.inv(QSM_MOVE) @ QSM_MOVE @ np.linalg.inv(FLAIR_HEADER_ERROR)
+    assert np.allclose(record["flair"]["matrix_ras"], relative, atol=1e-9)
+
+
+def _fake_child(tmp_path: Path, result: Path) -> Path:
+    """Stands in for PythonSlicer running ``prl-detect detect``: copies a prepared result to its ``--out``."""
+    launcher = tmp_path / "FakeDetect"
+    launcher.write_text(
+        "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --out ] && out=\"$2\"; shift; done\n"
+        f"cp -r '{result}' \"$out\"\n", encoding="utf-8")
+    launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR)
+    return launcher
+
+
+def test_the_exported_burden_says_which_reader_transforms_detection_used(scene, moved_case, phantom_dir, tmp_path):
+    if os.name == "nt":
+        pytest.fail("the fake child below is a POSIX shell script")
+    qsm_node, flair_node = moved_case
+    labels = _components(phantom_dir, qsm_node).astype(np.uint16)
+    qsm = bridge.image_from_volume_node(qsm_node)
+    result = tmp_path / "prepared"
+    result.mkdir()
+    label_image = sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(qsm)
+    sitk.WriteImage(label_image, str(result / "prl_labels.nii.gz"))
+    write_lesions_csv(result / "lesions.csv", measure_lesions(labels, sitk.GetArrayViewFromImage(qsm), qsm))
+    (result / "burden.json").write_text(json.dumps({"settings": {}, "model": {"name": "fake_flair"}}), encoding="utf-8")
+    logic = SceneLogic(scene, python_executable=_fake_child(tmp_path, result), models_dir=tmp_path / "models")
+    _fake_flair_model(logic.models_dir)
+
+    review = logic.detect(qsm_node, flair_node, DetectionSettings(model="fake_flair"), timeout=120)
+    assert bridge.labels_from_segmentation(review.segmentation_node, qsm_node).astype(bool).sum() == (labels > 0).sum()
+    paths = logic.export(review.segmentation_node, tmp_path / "out")
+
+    record = json.loads(paths["burden.json"].read_text(encoding="utf-8"))["input_transforms"]
+    assert record["flair"]["volume"] == "FLAIR" and record["flair"]["transform"] == "FLAIR to QSM"
+    assert record["flair"]["applied"].endswith("(no interpolation)") and record["flair"]["resampled"] is False
+    assert record["qsm"]["transform"] == "QSM placement"
+    assert np.allclose(record["qsm"]["matrix_ras"], QSM_MOVE, atol=1e-9)

@@ -123,7 +123,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(cases, trained, tmp_path
         time.sleep(0.1)
         try:
             latest = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
-        except (FileNotFoundError, RuntimeError, EOFError):
+        except (OSError, RuntimeError, EOFError):  # not there yet, or torch.save is still writing it
             continue
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()

@@ -156,8 +156,8 @@ def test_the_widgets_start_at_the_default_settings(ui):
 
 SLICER_RUNS = ("mrml.logic", "mrml.bridge", "detection.pipeline", "phantom.phantom", "training.dataset", "exports.segments")
 """Library modules that run in Slicer or in its detection child process."""
-PROVIDED = {"slicer", "vtk", "torch"}
-"""Slicer brings slicer and vtk; torch comes through the PyTorch extension."""
+PROVIDED = {"slicer", "vtk", "torch", "packaging"}
+"""Slicer brings slicer, vtk and packaging; torch comes through the PyTorch extension; nnunetv2 has its own pin."""
 PIP_NAMES = {"cc3d": "connected-components-3d"}
 
 
@@ -187,20 +187,36 @@ def _third_party_imports(modules) -> set[str]:
     return found
 
 
-def test_dependencies_offered_in_slicer_cover_what_slicer_runs_as_the_library_pins_them(module_tree):
-    requirements = dict(_constant(module_tree, "REQUIREMENTS"))
+def test_dependencies_offered_in_slicer_cover_what_slicer_runs_as_the_library_pins_them():
+    from PRLDetectorLib.dependencies import LIBRARY_REQUIREMENTS, NNUNET_REQUIREMENT
+
+    requirements = dict(LIBRARY_REQUIREMENTS)
     # pyproject's dependency array holds one quoted requirement per line (tomllib is 3.11+).
     block = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.S | re.M).group(1)
     declared = set(re.findall(r'"([^"]+)"', block))
-    assert set(requirements.values()) <= declared, set(requirements.values()) - declared
-    needed = _third_party_imports(SLICER_RUNS) - PROVIDED
+    assert {*requirements.values(), NNUNET_REQUIREMENT} <= declared, set(requirements.values()) - declared
+    needed = _third_party_imports(SLICER_RUNS) - PROVIDED - {"nnunetv2"}
     # The phantom reads the MNI template files that nilearn ships, without importing nilearn.
     needed.add("nilearn")
     assert needed <= set(requirements), f"Slicer would not offer to install {sorted(needed - set(requirements))}"
     for module in requirements:
         assert requirements[module].startswith(PIP_NAMES.get(module, module))
     # torch comes through the PyTorch extension (GPU-aware), not as a pinned pip requirement.
-    assert "torch" not in requirements and "PyTorchUtils" in MODULE.read_text(encoding="utf-8")
+    assert "torch" not in requirements
+
+
+def test_slicer_installs_torch_through_pytorch_utils_and_nnunet_by_the_tested_plan(module_tree):
+    functions = {f.name: ast.unparse(f) for f in module_tree.body if isinstance(f, ast.FunctionDef)}
+    ensure = functions["ensureDependencies"]
+    assert "install_plan(installed_versions())" in ensure and "plan.pip_arguments(" in ensure
+    assert "slicer.util.pip_install(arguments)" in ensure
+    torch = functions["_installTorch"]
+    assert "installTorch(askConfirmation=False, torchVersionRequirement=versionRequirement)" in torch
+    assert "pip_install" not in torch, "pip's default torch is a multi-GB CUDA build on Linux: never fall back to it"
+    # The module says which Slicer it needs before anything else can fail.
+    calls = [ast.unparse(n) for n in module_tree.body if isinstance(n, ast.Expr)]
+    assert "checkSlicerVersion(int(slicer.app.majorVersion), int(slicer.app.minorVersion))" in calls
+    assert "MINIMUM_SLICER_VERSION" in functions["checkSlicerVersion"]
 
 
 def test_reload_reloads_the_library_modules_it_lists_in_order_then_any_others(module_tree):
@@ -243,3 +259,39 @@ def test_the_build_lists_the_module_its_library_and_its_resources():
                  "Resources/Icons/", "Resources/Models/", "EXTENSION_CATEGORY \"Segmentation\"", "add_subdirectory(Testing)"):
         assert text in top, text
     assert "slicer_add_python_unittest" in (REPO / "Testing" / "CMakeLists.txt").read_text(encoding="utf-8")
+
+
+def test_the_case_id_dialog_tells_cancel_from_an_empty_answer(module_tree, module_source):
+    """PythonQt's QInputDialog.getText returns "" on Cancel, which the Logic reads as "the next free id": the
+    widget asks with a dialog whose result it checks, and the Logic adds nothing when the answer is None."""
+    assert "QInputDialog.getText" not in module_source
+    widget = _class(module_tree, "PRLDetectorWidget")
+    methods = {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
+    assert "askCaseId=self.askCaseId" in methods["onAddTrainingCase"]
+    assert "if added is None" in methods["onAddTrainingCase"]
+    assert "exec_() != qt.QDialog.Accepted" in methods["askCaseId"] and "return None" in methods["askCaseId"]
+
+
+def test_the_panel_hides_the_file_only_columns(module_tree):
+    """The widget hides the columns the Logic names (bridge.hidden_columns, tested on slicer-core: LPS copies,
+    voxel-index boxes, an empty PRL probability) in the panel's table view."""
+    widget = _class(module_tree, "PRLDetectorWidget")
+    methods = {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
+    assert "setColumnHidden" in methods["showLesionTable"]
+    assert "self.logic.hiddenLesionColumns(table)" in methods["showLesionTable"]
+    assert "self.showLesionTable(table)" in methods["onParameterNodeModified"]
+    logic = {f.name: ast.unparse(f) for f in _class(module_tree, "PRLDetectorLogic").body if isinstance(f, ast.FunctionDef)}
+    assert "hidden_columns(tableNode)" in logic["hiddenLesionColumns"]
+
+
+def test_the_sample_phantom_goes_through_sampledatas_own_download_so_code_can_load_it(module_tree):
+    """SampleData.downloadSample never calls a custom downloader: the source's URIs generate the case instead
+    (PRLDetectorLib.phantom.sample, tested in test_sample_data.py), and the self-test loads it from code."""
+    functions = {f.name: ast.unparse(f) for f in module_tree.body if isinstance(f, ast.FunctionDef)}
+    register = functions["registerSampleData"]
+    assert "customDownloader" not in register and "sample_source_arguments(" in register
+    assert "def __str__" in register, "SampleData compares sources by their text, which must not generate the files"
+    test = ast.unparse(_class(module_tree, "PRLDetectorTest"))
+    assert 'SampleData.downloadSample("PRLPhantom")' in test.replace("'", '"')
+    logic = {f.name: ast.unparse(f) for f in _class(module_tree, "PRLDetectorLogic").body if isinstance(f, ast.FunctionDef)}
+    assert "load_sample_case(sampleCacheDirectory())" in logic["loadSampleCase"]
