@@ -4,7 +4,8 @@ Exit codes: 0 done, 2 bad input or settings (one sentence on stderr, nothing wri
 
 This module has the one-case commands (``detect``, ``phantom``, ``train``, ``export-model``,
 ``export-dataset``, ``models``) and assembles the parser: every command module registers its own
-subcommands (:func:`register` here, :func:`PRLDetectorLib.cli.cohort.register` for the cohort ones).
+subcommands (:func:`register` here, :func:`PRLDetectorLib.cli.cohort.register` for the cohort ones,
+:func:`PRLDetectorLib.cli.review.register` for the review page).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from PRLDetectorLib import __version__
-from PRLDetectorLib.cli import cohort
+from PRLDetectorLib.cli import cohort, review
 from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.progress import PROGRESS_PREFIX, progress_line
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)
     cohort.register(sub)
+    review.register(sub)
     return parser
 
 
