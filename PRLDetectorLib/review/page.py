@@ -23,6 +23,7 @@ from trame.widgets import vuetify3 as v3
 from trame_rca.encoders import RcaImageEncoder
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.segmentation import BrushDiameterMode, SegmentationEffectErase, SegmentationEffectPaint
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from trame_vuetify.ui.vuetify3 import VAppLayout
 
@@ -42,6 +43,9 @@ STATUS_BUTTONS = ((bridge.CONFIRMED, "Confirm", "success"), (bridge.REJECTED, "R
                   (bridge.CANDIDATE, "Undecided", "grey"))
 OPTIONAL_COLUMNS = (("prl_probability", "PRL probability", "{:.2f}"), ("prl_uncertainty", "uncertainty", "{:.2f}"))
 """Shown when lesions.csv has them (a lesion classifier's output); placed after the network's probability."""
+EDIT_EFFECTS = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}
+"""trame-slicer's segment editor effects the page offers on the selected lesion ("look" is none)."""
+BRUSH_MM = 3.0
 VIEW_AXES = {"Axial": "S", "Coronal": "A", "Sagittal": "R"}
 """The RAS axis each slice view moves along: its offset is that coordinate of the slice (mm)."""
 
@@ -103,7 +107,7 @@ class ReviewPage:
             "patients": list(self.folders), "patient": None, "previous_patient": None,
             "reviewer": reviewer, "lesions": [], "columns": [], "selected": None, "note": "",
             "burden": {}, "unsaved": False, "message": "", "message_kind": "info",
-            "backgrounds": [], "background": "QSM",
+            "backgrounds": [], "background": "QSM", "edit_mode": "look", "brush_mm": BRUSH_MM,
         })
         self.server.trigger("select_lesion")(self.select_lesion)
         self.server.trigger("set_status")(self.set_status)
@@ -112,6 +116,9 @@ class ReviewPage:
         state.change("patient")(self._on_patient)
         state.change("note")(self._on_note)
         state.change("background")(self._on_background)
+        state.change("edit_mode", "brush_mm")(self._on_edit_mode)
+        self._activating_editor = False
+        self.slicer.segmentation_editor.segmentation_modified.connect(self._on_segments_edited)
         self._build_ui()
         first = next(iter(self.folders))
         self.open(first)
@@ -129,7 +136,7 @@ class ReviewPage:
         placeholder = bridge.add_volume_node(self.slicer.scene, sitk.Image(2, 2, 2, sitk.sitkFloat32), "placeholder")
         self.slicer.display_manager.show_volume_in_slice_background(placeholder)
         self.slicer.display_manager.show_volume_in_slice_background(None)
-        self.slicer.scene.RemoveNode(placeholder)
+        bridge.remove_nodes(self.slicer.scene, [placeholder])
 
     # -- opening --------------------------------------------------------------------------------------
 
@@ -145,6 +152,8 @@ class ReviewPage:
 
     def open(self, patient: str) -> None:
         state = self.server.state
+        state.edit_mode = "look"
+        self.slicer.segmentation_editor.deactivate_effect()
         if self.opened is not None:
             self.logic.close_result(self.opened)
             self.opened = None
@@ -193,6 +202,7 @@ class ReviewPage:
             return
         state.selected = int(lesion_id)
         state.note = next((row["note"] for row in state.lesions if row["id"] == state.selected), "")
+        self._on_edit_mode()
         if center is not None:
             self._say(f"PRL {lesion_id} at RAS ({center[0]:.1f}, {center[1]:.1f}, {center[2]:.1f}) mm.", "info")
 
@@ -216,6 +226,39 @@ class ReviewPage:
         state.unsaved = True
         self._refresh()
 
+    def _on_edit_mode(self, **_) -> None:
+        """Paint or erase the selected lesion with trame-slicer's segment editor (the panel's Segment Editor)."""
+        state = self.server.state
+        editor = self.slicer.segmentation_editor
+        segment_id = None
+        if self.opened is not None and state.selected is not None:
+            segment_id = bridge.segment_id_of_lesion(self._segmentation, state.selected)
+        if state.edit_mode not in EDIT_EFFECTS or segment_id is None:
+            editor.deactivate_effect()
+            return
+        self._activating_editor = True
+        try:
+            if editor.active_segmentation_node is not self._segmentation:
+                editor.set_active_segmentation(self._segmentation, self.opened.qsm_node)
+            editor.set_active_segment_id(segment_id)
+            effect = editor.set_active_effect_type(EDIT_EFFECTS[state.edit_mode])
+            effect.set_brush_diameter(float(state.brush_mm), BrushDiameterMode.Absolute)
+        finally:
+            self._activating_editor = False
+
+    def _on_segments_edited(self, *_) -> None:
+        """A stroke changed a segment: measure the lesions again (the panel's Update burden)."""
+        if self._activating_editor or self.opened is None:
+            return
+        try:
+            self.opened.review = self.logic.update_burden(self._segmentation)
+        except InputError as error:
+            self._say(str(error), "error")
+            return
+        with self.server.state:
+            self.server.state.unsaved = True
+            self._refresh()
+
     def save(self) -> None:
         state = self.server.state
         try:
@@ -229,13 +272,8 @@ class ReviewPage:
                   f"(lesions.csv, burden.json, prl.seg.nrrd, prl_labels.nii.gz).", "success")
 
     def discard(self) -> None:
-        state = self.server.state
-        patient = state.previous_patient
-        state.unsaved = False
-        if self.opened is not None:
-            self.logic.close_result(self.opened)
-            self.opened = None
-        self.open(patient)
+        patient = self.server.state.previous_patient
+        self.open(patient)  # as last saved: open() closes the patient's nodes first
         self._say(f"Reopened {patient} as last saved.", "info")
 
     # -- state ------------------------------------------------------------------------------------------
@@ -384,8 +422,16 @@ class ReviewPage:
             with html.Div(v_if=("selected !== null",), classes="d-flex align-center py-2", style="gap: 12px"):
                 html.Span("Note on PRL {{ selected }}:")
                 v3.VTextField(v_model=("note",), density="compact", hide_details=True, variant="outlined",
-                              placeholder="what you saw (saved with the review)", style="max-width: 640px",
+                              placeholder="what you saw (saved with the review)", style="max-width: 520px",
                               raw_attrs=['data-testid="note"'])
+                html.Span("Outline:")
+                with v3.VBtnToggle(v_model=("edit_mode",), mandatory=True, density="compact", variant="outlined",
+                                   raw_attrs=['data-testid="edit-mode"']):
+                    for mode, words in (("look", "Look"), ("paint", "Paint"), ("erase", "Erase")):
+                        v3.VBtn(words, value=mode, size="small", raw_attrs=[f'data-mode="{mode}"'])
+                v3.VSlider(v_model=("brush_mm",), min=1, max=10, step=0.5, density="compact", hide_details=True,
+                           style="max-width: 160px", thumb_label=True, v_show=("edit_mode !== 'look'",))
+                html.Span("brush {{ brush_mm }} mm", v_show=("edit_mode !== 'look'",))
 
 
 def serve(folders: list[Path], host: str, port: int, reviewer: str = "", verbose: bool = False) -> None:

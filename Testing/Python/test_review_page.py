@@ -196,6 +196,57 @@ def test_reject_changes_the_burden_on_the_page_and_after_save_on_disk(page, resu
     assert tags[f"PRL_{rejected['lesion_id']}"]["PRLDetector.Status"] == "rejected"
 
 
+def test_the_mouse_wheel_moves_a_views_slice(page, result):
+    axial = page.locator("[data-testid=view-axial]").locator("xpath=..")
+    before = view_centre(page, "axial")[2]
+    box = axial.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, 120)
+    _wait(lambda: view_centre(page, "axial")[2] != before, what="the axial slice")
+    assert abs(view_centre(page, "axial")[2] - before) == pytest.approx(1.0, abs=0.01)  # one 1 mm slice
+
+
+def test_paint_and_erase_change_the_selected_lesion_and_the_burden_follows(page, result):
+    row = _rows(result)[1]
+    lesion = page.locator(f"[data-lesion='{row['lesion_id']}']")
+    lesion.click()
+    _wait(lambda: _centred_on(page, _centre(row)), what="the slice views")
+    volume_column = page.locator("[data-testid=lesions] th").all_inner_texts().index("volume (mm³)")
+
+    def volume() -> float:
+        return float(lesion.locator("td").nth(volume_column).inner_text())
+
+    def burden() -> float:
+        return float(page.locator("[data-testid=burden-volume]").inner_text())
+
+    start, start_burden = volume(), burden()
+    box = page.locator("[data-testid=view-axial]").locator("xpath=..").bounding_box()
+    x, y = box["x"] + box["width"] / 2 + 45, box["y"] + box["height"] / 2  # beside the lesion, ~6 mm off its centre
+
+    def stroke():
+        page.mouse.move(x, y)
+        page.mouse.down()
+        for step in range(1, 6):
+            page.mouse.move(x + 3 * step, y + 2 * step)
+        page.mouse.up()
+
+    page.locator("[data-testid=edit-mode] [data-mode=paint]").click()
+    stroke()
+    painted = _wait(lambda: volume() > start and volume(), what="the painted lesion's volume")
+    assert burden() == pytest.approx(start_burden + painted - start, abs=0.15)
+    assert "unsaved changes" in page.locator("[data-testid=burden]").inner_text()
+    page.locator("[data-testid=edit-mode] [data-mode=erase]").click()
+    stroke()
+    erased = _wait(lambda: volume() < painted and volume(), what="the erased lesion's volume")
+    assert erased <= painted - 1
+    page.locator("[data-testid=edit-mode] [data-mode=look]").click()
+    page.locator("[data-testid=reviewer] input").fill(REVIEWER)
+    page.locator("[data-testid=save]").click()
+    _wait(lambda: "Saved" in page.locator("[data-testid=message]").inner_text(), what="the save")
+    saved = {int(r["lesion_id"]): r for r in _rows(result)}[row["lesion_id"]]
+    assert saved["volume_mm3"] == pytest.approx(volume(), abs=0.05)
+
+
 def test_a_second_server_on_the_same_port_is_refused_with_a_sentence(server, result):
     done = run_cli("review", result, "--port", server.port, timeout=120)
     assert_refused(done, f"Port {server.port} on 127.0.0.1 is already in use")
