@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from PRLDetectorLib import __version__
-from PRLDetectorLib.cli import cohort, review
+from PRLDetectorLib.cli import classifier, cohort, review
 from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.progress import PROGRESS_PREFIX, progress_line
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)
+    classifier.register(sub)
     cohort.register(sub)
     review.register(sub)
     return parser

@@ -409,8 +409,10 @@ class SceneLogic:
             }
             old = previous.get(segment.lesion_id)
             if old is not None and _same_voxels(old, row):
-                # An untouched lesion keeps what was measured without the segments: the mean probability when
-                # the probability map is not in the scene, and any column another tool added to lesions.csv.
+                # An untouched lesion keeps what was measured without the segments: its PRL probability (the
+                # classifier judged this outline; an edited one is the reader's call now, and its status says
+                # what they decided), the mean probability when the probability map is not in the scene, and
+                # any column another tool added to lesions.csv.
                 row.update({k: v for k, v in old.items() if k not in row or _is_nan(row[k])})
             rows.append(row)
 

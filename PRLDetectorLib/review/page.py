@@ -27,7 +27,7 @@ from trame_slicer.segmentation import BrushDiameterMode, SegmentationEffectErase
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from trame_vuetify.ui.vuetify3 import VAppLayout
 
-from PRLDetectorLib.detection.features import READER_COLUMNS, reader_cell
+from PRLDetectorLib.detection.features import OPTIONAL_COLUMNS, READER_COLUMNS, reader_cell
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.mrml import bridge
 from PRLDetectorLib.mrml.logic import OpenedResult, SceneLogic
@@ -41,8 +41,6 @@ FILL_OPACITY = 0.2
 STATUS_WORDS = {bridge.CANDIDATE: "Undecided", bridge.CONFIRMED: "Confirmed", bridge.REJECTED: "Rejected"}
 STATUS_BUTTONS = ((bridge.CONFIRMED, "Confirm", "success"), (bridge.REJECTED, "Reject", "error"),
                   (bridge.CANDIDATE, "Undecided", "grey"))
-OPTIONAL_COLUMNS = (("prl_probability", "PRL probability", "{:.2f}"), ("prl_uncertainty", "uncertainty", "{:.2f}"))
-"""Shown when lesions.csv has them (a lesion classifier's output); placed after the network's probability."""
 EDIT_EFFECTS = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}
 """trame-slicer's segment editor effects the page offers on the selected lesion ("look" is none)."""
 BRUSH_MM = 3.0
@@ -61,13 +59,13 @@ _STYLE = """
 
 
 def table_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """(column, heading, format) of the lesion table, in a reader's words; optional columns when present."""
-    columns = []
-    for column in READER_COLUMNS:
-        columns.append(column)
-        if column[0] == "probability_mean":
-            columns += [c for c in OPTIONAL_COLUMNS if any(c[0] in row for row in rows)]
-    return [c for c in columns if c[0] != "lesion_id"]
+    """(column, heading, format) of the lesion table, in the report's words; the lesion classifier's columns
+    only when it ran (a value in any row)."""
+    return [
+        (column, heading, fmt) for column, heading, fmt in READER_COLUMNS
+        if column != "lesion_id"
+        and (column not in OPTIONAL_COLUMNS or any(not math.isnan(_number(row.get(column))) for row in rows))
+    ]
 
 
 def _number(value) -> float:
