@@ -43,7 +43,7 @@ LIB_MODULES = (
     "detection.lesions", "detection.features", "detection.headers", "detection.burden", "exports.segments", "detection.registration",
     "detection.inference", "cohort.evaluation", "detection.pipeline", "training.dataset", "phantom.anatomy",
     "phantom.lesions", "phantom.phantom", "training.training", "cohort.bids", "cohort.batch", "exports.dicom_seg",
-    "cli.options", "cli.cohort", "cli.main", "mrml.bridge", "mrml.logic",
+    "detection.result_images", "cli.options", "cli.cohort", "cli.review", "cli.main", "mrml.bridge", "mrml.logic",
 )
 """Library submodules in dependency order, for reloading; modules not imported are skipped, and loaded
 modules missing from this list are reloaded after it."""
@@ -212,6 +212,7 @@ class PRLDetectorParameterNode:
     operatingPoint: Annotated[str, Choice((*OPERATING_POINTS, NO_CLASSIFIER))] = _DEFAULTS.operating_point
     outputSegmentation: vtkMRMLSegmentationNode
     lesionTable: slicer.vtkMRMLTableNode
+    reviewer: str = ""
 
 
 SETTINGS_PARAMETERS = {
@@ -306,6 +307,9 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addTrainingCaseButton.connect("clicked(bool)", self.onAddTrainingCase)
         self.ui.loadGroundTruthButton.connect("clicked(bool)", self.onLoadGroundTruth)
         self.ui.splitSegmentationButton.connect("clicked(bool)", self.onSplitSegmentation)
+        self.ui.noteLineEdit.connect("editingFinished()", self.onNoteEdited)
+        self.ui.openResultButton.connect("clicked(bool)", self.onOpenResult)
+        self.ui.saveResultButton.connect("clicked(bool)", self.onSaveResult)
 
         self.populateModels()
         self.initializeParameterNode()
@@ -387,6 +391,7 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button in (self.ui.updateBurdenButton, self.ui.editSegmentsButton, self.ui.exportButton,
                        self.ui.addTrainingCaseButton, self.ui.splitSegmentationButton):
             button.enabled = segmentation is not None and not running
+        self.ui.saveResultButton.enabled = self.logic.resultFolder(segmentation) is not None and not running
         self.showBurden(self.burdenOrNone(segmentation, table))
         self.updateStatusButtons()
 
@@ -590,7 +595,7 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateStatusButtons(self) -> None:
         selected = self.selectedLesionId() is not None
-        for button in (self.ui.confirmButton, self.ui.rejectButton, self.ui.candidateButton):
+        for button in (self.ui.confirmButton, self.ui.rejectButton, self.ui.candidateButton, self.ui.noteLineEdit):
             button.enabled = selected and self._run is None
 
     def onLesionSelected(self) -> None:
@@ -599,9 +604,8 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if lesionId is None:
             return
         segmentation = self._parameterNode.outputSegmentation
-        center = self.logic.lesionCenter(segmentation, lesionId)
-        if center is not None:
-            slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
+        self.logic.centreViewsOnLesion(segmentation, lesionId)
+        self.ui.noteLineEdit.text = self.logic.note(segmentation, lesionId)
         segmentId = self.logic.segmentIdOfLesion(segmentation, lesionId)
         editorNode = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
         if segmentId and editorNode is not None and editorNode.GetSegmentationNode() is segmentation:
@@ -614,6 +618,13 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not change the lesion's status.")):
             self.showBurden(self.logic.setStatus(self._parameterNode.outputSegmentation, lesionId, status))
             self.showLesionTable(self._parameterNode.lesionTable)
+
+    def onNoteEdited(self) -> None:
+        lesionId = self.selectedLesionId()
+        if lesionId is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not keep the note.")):
+            self.logic.setNote(self._parameterNode.outputSegmentation, lesionId, self.ui.noteLineEdit.text)
 
     def onEditSegments(self) -> None:
         segmentation = self._parameterNode.outputSegmentation
@@ -641,8 +652,30 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if existing and not slicer.util.confirmOkCancelDisplay(
                     _("{folder} already holds {files}. Replace them?").format(folder=folder, files=", ".join(existing))):
                 return
-            paths = self.logic.export(segmentation, folder, overwrite=True)
+            paths = self.logic.export(segmentation, folder, overwrite=True, reviewer=self._parameterNode.reviewer)
             slicer.util.showStatusMessage(_("Exported {n} files to {folder}").format(n=len(paths), folder=folder), 5000)
+            self.onParameterNodeModified()
+
+    def onOpenResult(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Open a PRL result folder (of detect, batch or the review page)"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not open the result."), waitCursor=True):
+            if not ensureDependencies():
+                return
+            opened = self.logic.openResult(folder)
+            p = self._parameterNode
+            p.qsmVolume = opened.qsm_node
+            p.flairVolume = opened.flair_node
+            self.showReview(opened.review)
+
+    def onSaveResult(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The review was not saved."), waitCursor=True):
+            segmentation = self._parameterNode.outputSegmentation
+            paths = self.logic.saveReview(segmentation, self._parameterNode.reviewer)
+            slicer.util.showStatusMessage(
+                _("Saved the review to {folder}").format(folder=paths["burden.json"].parent), 5000)
             self.onParameterNodeModified()
 
     def onAddTrainingCase(self) -> None:
@@ -761,8 +794,19 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
     def burden(self, segmentationNode):
         return self.core.burden(segmentationNode)
 
+    def setNote(self, segmentationNode, lesionId: int, note: str):
+        return self.core.set_note(segmentationNode, lesionId, note)
+
+    def note(self, segmentationNode, lesionId: int) -> str:
+        from PRLDetectorLib.mrml.bridge import lesion_segments
+
+        return next((s.note for s in lesion_segments(segmentationNode) if s.lesion_id == lesionId), "")
+
     def lesionCenter(self, segmentationNode, lesionId: int):
         return self.core.lesion_center_ras(segmentationNode, lesionId)
+
+    def centreViewsOnLesion(self, segmentationNode, lesionId: int):
+        return self.core.centre_views_on_lesion(segmentationNode, lesionId)
 
     def segmentIdOfLesion(self, segmentationNode, lesionId: int):
         from PRLDetectorLib.mrml.bridge import segment_id_of_lesion
@@ -791,8 +835,23 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
 
         return [name for name in EXPORT_FILES if (Path(folder) / name).exists()]
 
-    def export(self, segmentationNode, folder, overwrite: bool = False):
-        return self.core.export(segmentationNode, folder, overwrite)
+    def export(self, segmentationNode, folder, overwrite: bool = False, reviewer: str = ""):
+        return self.core.export(segmentationNode, folder, overwrite, reviewer)
+
+    # Result folders (also what `prl-detect review` opens and saves)
+
+    def openResult(self, folder):
+        """A result folder in the scene: ``.qsm_node``, ``.flair_node``, ``.review`` (as the panel shows it)."""
+        return self.core.open_result(folder)
+
+    def resultFolder(self, segmentationNode):
+        if segmentationNode is None:
+            return None
+        folder = segmentationNode.GetAttribute("PRLDetector.ResultFolder")
+        return Path(folder) if folder else None
+
+    def saveReview(self, segmentationNode, reviewer: str):
+        return self.core.save_review(segmentationNode, reviewer)
 
     def addTrainingCase(self, segmentationNode, datasetFolder, flairNode=None, caseId=None, askCaseId=None):
         """Returns the case id added, or None when ``askCaseId`` (given the next free id) returned None."""

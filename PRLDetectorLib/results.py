@@ -13,6 +13,7 @@ This module imports nothing heavy: every Dask worker (also those that only make 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -46,6 +47,25 @@ REPORT_NAME = "report.html"
 """A patient's (or a cohort's) HTML report, next to the result files."""
 DICOM_SEG_NAME = "prl_seg.dcm"
 """A DICOM SEG of the lesions on the QSM series, next to the result files."""
+
+
+
+def read_record(result_dir: str | Path) -> dict:
+    """The ``burden.json`` of a result folder: the burden and how it was obtained (inputs, model, settings)."""
+    marker = Path(result_dir) / RESULT_MARKER
+    if not marker.is_file():
+        raise InputError(f"'{result_dir}' holds no {RESULT_MARKER}; give the output folder of detect or of one batch patient.")
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"'{marker}' is not readable JSON ({error}); run detection again for this patient.") from None
+
+
+def patient_folders(out_dir: str | Path) -> list[Path]:
+    """The patients of a batch output: its sub-folders that hold a finished result, sorted by name."""
+    out_dir = Path(out_dir)
+    return sorted(p for p in out_dir.iterdir() if (p / RESULT_MARKER).is_file()) if out_dir.is_dir() else []
+
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -119,3 +139,9 @@ def _create(staging: Path, path: Path) -> None:
     except FileExistsError:
         raise appeared from None
     staging.unlink()
+
+
+def review_folders(path: str | Path) -> list[Path]:
+    """The result folders under ``path``: itself when it is one, else the patients of a batch output."""
+    path = Path(path)
+    return [path] if (path / RESULT_MARKER).is_file() else patient_folders(path)

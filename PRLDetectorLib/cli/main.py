@@ -4,7 +4,8 @@ Exit codes: 0 done, 2 bad input or settings (one sentence on stderr, nothing wri
 
 This module has the one-case commands (``detect``, ``phantom``, ``train``, ``export-model``,
 ``export-dataset``, ``models``) and assembles the parser: every command module registers its own
-subcommands (:func:`register` here, :func:`PRLDetectorLib.cli.cohort.register` for the cohort ones).
+subcommands (:func:`register` here, :func:`PRLDetectorLib.cli.cohort.register` for the cohort ones,
+:func:`PRLDetectorLib.cli.review.register` for the review page).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from PRLDetectorLib import __version__
-from PRLDetectorLib.cli import classifier, cohort
+from PRLDetectorLib.cli import classifier, cohort, review
 from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.progress import LOGGER_NAME, PROGRESS_PREFIX, progress_line, step_progress
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)
     classifier.register(sub)
     cohort.register(sub)
+    review.register(sub)
     return parser
 
 

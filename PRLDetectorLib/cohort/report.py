@@ -20,7 +20,6 @@ import base64
 import csv
 import html
 import io
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -31,16 +30,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from PRLDetectorLib import __version__
-from PRLDetectorLib.detection.features import read_lesions_csv
+from PRLDetectorLib.detection.features import READER_COLUMNS, read_lesions_csv, reader_cell
+from PRLDetectorLib.detection.result_images import QSM_WINDOW_PPM, read_result_images
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.results import LABELS_NAME, LESIONS_NAME, REPORT_NAME, RESULT_MARKER
+from PRLDetectorLib.results import LABELS_NAME, LESIONS_NAME, REPORT_NAME, read_record
 
 logger = logging.getLogger(__name__)
 
-QSM_WINDOW_PPM = (-0.15, 0.25)
 CROP_MM = 32.0
 CROP_SPACING_MM = 0.5
-FLAIR_PERCENTILES = (1.0, 99.5)
 LESION_COLOR = "#ffd400"
 OTHER_LESION_COLOR = "#00c8ff"
 CONVENTION = "Radiological convention: the patient's right is on the image's left."
@@ -84,40 +82,17 @@ class _Volumes:
 
 
 def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None) -> _Volumes:
-    from PRLDetectorLib.detection.images import head_mask, read_image
-
-    inputs = record.get("inputs", {})
-    if "qsm" not in inputs:
-        raise InputError(f"{result_dir / 'burden.json'} names no QSM input; run detection again to make a report.")
-    qsm = read_image(inputs["qsm"]["path"], "QSM")
-    brain = head_mask(sitk.GetArrayViewFromImage(qsm))
+    images = read_result_images(result_dir, record, flair_path)
     # Outside the head a QSM map is 0 ppm, mid-grey in the window; shown black (NaN), as readers expect.
-    shown = sitk.GetImageFromArray(np.where(brain, sitk.GetArrayViewFromImage(qsm), np.float32(np.nan)))
-    shown.CopyInformation(qsm)
+    shown = sitk.GetImageFromArray(np.where(images.brain, sitk.GetArrayViewFromImage(images.qsm), np.float32(np.nan)))
+    shown.CopyInformation(images.qsm)
     labels = sitk.ReadImage(str(result_dir / LABELS_NAME))
-    if labels.GetSize() != qsm.GetSize():
+    if labels.GetSize() != images.qsm.GetSize():
         raise InputError(f"The labels in '{result_dir}' are not on the grid of their QSM; run detection again.")
-    labels.CopyInformation(qsm)  # NIfTI rounds the header of a DICOM-read grid by ~1e-6 mm
-    flair = None
-    window = None
-    recorded = inputs.get("flair", {}).get("path")
-    flair_path = flair_path or recorded
-    if flair_path:
-        from PRLDetectorLib.detection.registration import flair_as_recorded, flair_to_qsm_grid
-
-        original = read_image(flair_path, "FLAIR")
-        # The alignment detection made and recorded, so FLAIR and outlines agree; else the same alignment
-        # detection would make (it is deterministic).
-        same_file = str(flair_path) == str(recorded)
-        flair = flair_as_recorded(original, qsm, record.get("flair_alignment")) if same_file else None
-        if flair is None:
-            flair, _ = flair_to_qsm_grid(original, qsm)
-        values = sitk.GetArrayViewFromImage(flair)[brain]
-        if values.size:
-            low, high = np.percentile(values, FLAIR_PERCENTILES)
-            window = (float(low), float(high if high > low else low + 1))
+    labels.CopyInformation(images.qsm)  # NIfTI rounds the header of a DICOM-read grid by ~1e-6 mm
+    flair = images.flair
     return _Volumes(
-        qsm=shown, flair=flair, labels=labels, flair_window=window, qsm_lps=sitk.DICOMOrient(shown, "LPS"),
+        qsm=shown, flair=flair, labels=labels, flair_window=images.flair_window, qsm_lps=sitk.DICOMOrient(shown, "LPS"),
         flair_lps=sitk.DICOMOrient(flair, "LPS") if flair is not None else None,
     )
 
@@ -275,37 +250,6 @@ th{background:#eef1f5} td:first-child,th:first-child{text-align:left} tr:nth-chi
 .note{font-size:12px;color:#555} .warn{color:#a35200} pre{background:#f6f8fa;padding:10px;font-size:12px;overflow-x:auto}
 """
 
-_LESION_TABLE = (
-    ("lesion_id", "PRL", "{:d}"),
-    ("volume_mm3", "volume (mm³)", "{:.1f}"),
-    ("centroid_ras_x_mm", "R–L (mm)", "{:.1f}"),
-    ("centroid_ras_y_mm", "A–P (mm)", "{:.1f}"),
-    ("centroid_ras_z_mm", "S–I (mm)", "{:.1f}"),
-    ("prl_probability", "PRL probability", "{:.2f}"),
-    ("prl_uncertainty", "± (ensemble)", "{:.2f}"),
-    ("probability_mean", "network probability", "{:.2f}"),
-    ("rim_minus_surround_ppm", "rim − surround (ppb)", "{:.0f}"),
-    ("rim_minus_core_ppm", "rim − core (ppb)", "{:.0f}"),
-    ("paramagnetic_edge_fraction", "paramagnetic edge", "{:.0%}"),
-)
-_PPB_COLUMNS = {"rim_minus_surround_ppm", "rim_minus_core_ppm"}
-
-
-def _cell(column: str, fmt: str, value) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "–"
-    if column in _PPB_COLUMNS:
-        value = value * 1000.0
-    return fmt.format(int(value) if fmt == "{:d}" else value)
-
-
-def _read_record(result_dir: Path) -> dict:
-    marker = Path(result_dir) / RESULT_MARKER
-    if not marker.is_file():
-        raise InputError(f"'{result_dir}' holds no burden.json; give the output folder of detect or of one batch patient.")
-    return json.loads(marker.read_text(encoding="utf-8"))
-
-
 def case_report_html(result_dir: Path, case_id: str | None = None, flair: Path | None = None) -> str:
     """The patient page of one result folder of ``detect`` (or of one patient of a batch).
 
@@ -313,7 +257,7 @@ def case_report_html(result_dir: Path, case_id: str | None = None, flair: Path |
     the reader still wants to see it).
     """
     result_dir = Path(result_dir)
-    record = _read_record(result_dir)
+    record = read_record(result_dir)
     case_id = case_id or result_dir.name
     lesions = read_lesions_csv(result_dir / LESIONS_NAME)
     volumes = _load_volumes(result_dir, record, flair)
@@ -341,9 +285,9 @@ def case_report_html(result_dir: Path, case_id: str | None = None, flair: Path |
         # A reader goes from the surest call to the least sure one.
         lesions = sorted(lesions, key=lambda row: -(row["prl_probability"]
                                                      if not math.isnan(row["prl_probability"]) else 2.0))
-        parts.append("<h2>Lesions</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for _, h, _ in _LESION_TABLE) + "</tr>")
+        parts.append("<h2>Lesions</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for _, h, _ in READER_COLUMNS) + "</tr>")
         for lesion in lesions:
-            parts.append("<tr>" + "".join(f"<td>{_cell(c, f, lesion[c])}</td>" for c, _, f in _LESION_TABLE) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td>{reader_cell(c, f, lesion[c])}</td>" for c, _, f in READER_COLUMNS) + "</tr>")
         parts.append(
             "</table><p class='note'>Centroids in RAS scanner coordinates (as Slicer shows them). Rim: the "
             "lesion's outer 1.5 mm; surround: 1-3 mm outside it; paramagnetic edge: share of edge directions "
@@ -360,7 +304,7 @@ def case_report_html(result_dir: Path, case_id: str | None = None, flair: Path |
             lesion_id = int(lesion["lesion_id"])
             title = (f"PRL {lesion_id}: {lesion['volume_mm3']:.0f} mm³ at RAS ({lesion['centroid_ras_x_mm']:.0f}, "
                      f"{lesion['centroid_ras_y_mm']:.0f}, {lesion['centroid_ras_z_mm']:.0f}) mm; rim − surround "
-                     f"{_cell('rim_minus_surround_ppm', '{:+.0f}', lesion['rim_minus_surround_ppm'])} ppb"
+                     f"{reader_cell('rim_minus_surround_ppm', '{:+.0f}', lesion['rim_minus_surround_ppm'])} ppb"
                      + ("" if math.isnan(lesion["prl_probability"]) else
                         f"; PRL probability {lesion['prl_probability']:.2f} ± {lesion['prl_uncertainty']:.2f}"))
             figure = lesion_figure(volumes, lesion, title)

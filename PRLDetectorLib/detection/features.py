@@ -397,3 +397,29 @@ def _parse_cell(column: str, text: str | None) -> int | float | str:
         return int(text)
     return float(text) if text else math.nan
 
+
+READER_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("lesion_id", "PRL", "{:d}"),
+    ("volume_mm3", "volume (mm³)", "{:.1f}"),
+    ("centroid_ras_x_mm", "R–L (mm)", "{:.1f}"),
+    ("centroid_ras_y_mm", "A–P (mm)", "{:.1f}"),
+    ("centroid_ras_z_mm", "S–I (mm)", "{:.1f}"),
+    ("prl_probability", "PRL probability", "{:.2f}"),
+    ("prl_uncertainty", "± (ensemble)", "{:.2f}"),
+    ("probability_mean", "network probability", "{:.2f}"),
+    ("rim_minus_surround_ppm", "rim − surround (ppb)", "{:.0f}"),
+    ("rim_minus_core_ppm", "rim − core (ppb)", "{:.0f}"),
+    ("paramagnetic_edge_fraction", "paramagnetic edge", "{:.0%}"),
+)
+"""The lesion table in a reader's words, for the patient report and the review page: (column, heading, format)."""
+PPB_COLUMNS = frozenset({"rim_minus_surround_ppm", "rim_minus_core_ppm"})
+"""Rim contrasts are a few hundredths of a ppm: readers see them in ppb."""
+
+
+def reader_cell(column: str, fmt: str, value) -> str:
+    """A lesion table cell as a reader sees it: ppb for rim contrasts, "–" for a missing value."""
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    if column in PPB_COLUMNS:
+        value = value * 1000.0
+    return fmt.format(int(value) if fmt == "{:d}" else value)

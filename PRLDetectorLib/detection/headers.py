@@ -21,6 +21,7 @@ PRL_UNCERTAINTY = "prl_uncertainty"
 HEADERS: dict[str, str] = {
     "lesion_id": "PRL",
     "status": "Review",
+    "note": "Note",
     PRL_PROBABILITY: "PRL probability",
     PRL_UNCERTAINTY: "Uncertainty (±)",
     "volume_mm3": "Volume (mm³)",

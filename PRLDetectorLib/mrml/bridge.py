@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -36,16 +37,20 @@ from PRLDetectorLib.exports.segments import PRL_TERMINOLOGY, segment_color, segm
 logger = logging.getLogger(__name__)
 
 STATUS_COLUMN = "status"
-TABLE_COLUMNS: tuple[str, ...] = headers.view_order((*LESION_COLUMNS, STATUS_COLUMN))
-"""The lesion table node: the columns of ``lesions.csv`` and the reader's verdict, in the order the reader
-reads them (:mod:`~PRLDetectorLib.detection.headers`), the file-only ones last."""
-CSV_COLUMNS: tuple[str, ...] = (*LESION_COLUMNS, STATUS_COLUMN)
-"""An exported ``lesions.csv``: the detection's columns in their order, the verdict appended."""
+NOTE_COLUMN = "note"
+TABLE_COLUMNS: tuple[str, ...] = headers.view_order((*LESION_COLUMNS, STATUS_COLUMN, NOTE_COLUMN))
+"""The lesion table node: the columns of ``lesions.csv``, the reader's verdict and note, in the order the
+reader reads them (:mod:`~PRLDetectorLib.detection.headers`), the file-only ones last. Columns another tool
+added to ``lesions.csv`` follow as text."""
+CSV_COLUMNS: tuple[str, ...] = (*LESION_COLUMNS, STATUS_COLUMN, NOTE_COLUMN)
+"""An exported ``lesions.csv``: the detection's columns in their order, the verdict and the note appended
+(then any other column the table carries)."""
 
 CANDIDATE, CONFIRMED, REJECTED = "candidate", "confirmed", "rejected"
 STATUSES = (CANDIDATE, CONFIRMED, REJECTED)
 
 STATUS_TAG = "PRLDetector.Status"
+NOTE_TAG = "PRLDetector.Note"
 LESION_ID_TAG = "PRLDetector.LesionID"
 TABLE_REFERENCE_ROLE = "PRLDetector.LesionTable"
 SEGMENTATION_REFERENCE_ROLE = "PRLDetector.Segmentation"
@@ -55,6 +60,11 @@ SURFACE_SEGMENT_LIMIT = 300
 that many "lesions" means a threshold or a model gone wrong rather than a case to look at in 3D."""
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def show_vtk_warnings(show: bool) -> None:
+    """Whether VTK (and MRML) print their warnings; errors are always printed."""
+    vtk.vtkObject.SetGlobalWarningDisplay(int(show))
 
 
 # -- volumes ------------------------------------------------------------------------------------------
@@ -216,6 +226,16 @@ def add_volume_node(scene, image: sitk.Image, name: str, labelmap: bool = False)
     return node
 
 
+def set_window(volume_node, low: float, high: float) -> None:
+    """Show a volume from ``low`` (black) to ``high`` (white)."""
+    display = volume_node.GetDisplayNode()
+    if display is None:
+        volume_node.CreateDefaultDisplayNodes()
+        display = volume_node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(float(low), float(high))
+
+
 def geometry_image(volume_node) -> sitk.Image:
     """An empty (1-byte) image on the node's grid: the ``reference`` the library's measurements need."""
     dims = volume_node.GetImageData().GetDimensions()
@@ -286,6 +306,9 @@ class LesionSegment:
     lesion_id: int | None
     """None for a segment the reader drew (no lesion id yet)."""
     status: str
+    note: str = ""
+    color: tuple[float, float, float] = (1.0, 1.0, 0.0)
+    """RGB 0-1, as the slice views draw it."""
 
 
 def segmentation_from_labels(
@@ -308,12 +331,7 @@ def segmentation_from_labels(
     ids = [int(i) for i in np.unique(array) if i != 0]
     segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     segmentation_node.CreateDefaultDisplayNodes()
-    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
-    segmentation_node.SetNodeReferenceID(
-        slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole(), reference_node.GetID()
-    )
-    if reference_node.GetParentTransformNode():
-        segmentation_node.SetAndObserveTransformNodeID(reference_node.GetParentTransformNode().GetID())
+    use_reference_volume(segmentation_node, reference_node)
     if ids:
         # The import maps label value v to the v-th segment id, so number the lesions 1..n without gaps.
         consecutive = np.zeros(max(ids) + 1, dtype=np.uint16)
@@ -329,7 +347,6 @@ def segmentation_from_labels(
         segment.SetTag(segment.GetTerminologyEntryTagName(), PRL_TERMINOLOGY)
         segment.SetTag(LESION_ID_TAG, str(lesion_id))
         segment.SetTag(STATUS_TAG, (statuses or {}).get(lesion_id, default_status))
-    place_next_to(scene, segmentation_node, reference_node)
     show_segmentation(segmentation_node)
     return segmentation_node
 
@@ -344,6 +361,17 @@ def _import_labels(scene, array: np.ndarray, reference_node, segmentation_node, 
             names.InsertNextValue(segment_id)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, names):
             raise RuntimeError("Slicer could not import the lesion label map into the segmentation.")
+
+
+def use_reference_volume(segmentation_node, reference_node) -> None:
+    """Make ``reference_node`` the segmentation's reference geometry (the grid lesions are measured on)."""
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    segmentation_node.SetNodeReferenceID(
+        slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole(), reference_node.GetID()
+    )
+    if reference_node.GetParentTransformNode():
+        segmentation_node.SetAndObserveTransformNodeID(reference_node.GetParentTransformNode().GetID())
+    place_next_to(segmentation_node.GetScene(), segmentation_node, reference_node)
 
 
 def show_segmentation(segmentation_node) -> None:
@@ -365,6 +393,13 @@ def show_segmentation(segmentation_node) -> None:
         )
 
 
+def set_fill_opacity(segmentation_node, opacity: float) -> None:
+    """How opaque the lesions' fill is in slice views (their outline stays): low, so the rim shows through."""
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        display.SetOpacity2DFill(float(opacity))
+
+
 def lesion_segments(segmentation_node) -> list[LesionSegment]:
     """Every segment, in segmentation order, with its lesion id (None when drawn by hand) and status."""
     segmentation = segmentation_node.GetSegmentation()
@@ -378,6 +413,8 @@ def lesion_segments(segmentation_node) -> list[LesionSegment]:
                 name=segment.GetName(),
                 lesion_id=_int_tag(segment, LESION_ID_TAG),
                 status=_status_tag(segment),
+                note=_text_tag(segment, NOTE_TAG),
+                color=tuple(float(c) for c in segment.GetColor()),
             )
         )
     return out
@@ -391,6 +428,11 @@ def _int_tag(segment, tag: str) -> int | None:
         return int(str(value))
     except ValueError:
         return None
+
+
+def _text_tag(segment, tag: str) -> str:
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(tag, value) else ""
 
 
 def _status_tag(segment) -> str:
@@ -460,6 +502,43 @@ def set_lesion_status(segmentation_node, segment_id: str, status: str) -> None:
     segment.SetTag(STATUS_TAG, status)
 
 
+def set_lesion_note(segmentation_node, segment_id: str, note: str) -> None:
+    """The reader's note on a lesion, kept as a segment tag (so a saved ``.seg.nrrd`` carries it); one line."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise InputError(f"The segmentation has no segment '{segment_id}'; it may have been deleted. Update the burden.")
+    segment.SetTag(NOTE_TAG, " ".join(str(note).split()))
+
+
+_DETECT_SEGMENT_ID = re.compile(r"PRL_(\d+)")
+
+
+def adopt_result_segments(segmentation_node, rows: Sequence[Mapping[str, object]]) -> None:
+    """Tag the segments of a result's ``prl.seg.nrrd`` as lesions, as :func:`segmentation_from_labels` would.
+
+    A file from a review already carries lesion ids, statuses and notes as tags. A file written by ``detect``
+    names its segments ``PRL_<lesion id>``; their status and note come from ``rows`` (``lesions.csv``), or
+    they are candidates.
+    """
+    by_id = {int(row["lesion_id"]): row for row in rows}
+    segmentation = segmentation_node.GetSegmentation()
+    for lesion in lesion_segments(segmentation_node):
+        segment = segmentation.GetSegment(lesion.segment_id)
+        lesion_id = lesion.lesion_id
+        if lesion_id is None:
+            match = _DETECT_SEGMENT_ID.fullmatch(lesion.segment_id)
+            if match is None:
+                continue  # drawn by a reader: claim_new_segments numbers it
+            lesion_id = int(match.group(1))
+            segment.SetTag(LESION_ID_TAG, str(lesion_id))
+        row = by_id.get(lesion_id, {})
+        if not _has_tag(segment, STATUS_TAG):
+            status = str(row.get(STATUS_COLUMN) or CANDIDATE)
+            segment.SetTag(STATUS_TAG, status if status in STATUSES else CANDIDATE)
+        if not _has_tag(segment, NOTE_TAG) and row.get(NOTE_COLUMN):
+            segment.SetTag(NOTE_TAG, str(row[NOTE_COLUMN]))
+
+
 def segment_id_of_lesion(segmentation_node, lesion_id: int) -> str | None:
     for lesion in lesion_segments(segmentation_node):
         if lesion.lesion_id == lesion_id:
@@ -496,6 +575,17 @@ def labels_from_segmentation(segmentation_node, reference_node, segment_ids: Seq
     return array
 
 
+def centre_slice_views(scene, ras: Sequence[float]) -> None:
+    """Centre every slice view on a point (world RAS) and move each slice through it, as Slicer's jump does."""
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *[float(c) for c in ras], slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+def slice_centre_ras(slice_node) -> tuple[float, float, float]:
+    """The point at the centre of a slice view (world RAS); its slice passes through it."""
+    matrix = slice_node.GetSliceToRAS()
+    return tuple(float(matrix.GetElement(row, 3)) for row in range(3))
+
+
 def segment_center_ras(segmentation_node, segment_id: str) -> tuple[float, float, float] | None:
     """Centre of a segment in world RAS (None for an empty segment)."""
     center = segmentation_node.GetSegmentCenterRAS(segment_id)
@@ -524,6 +614,14 @@ def read_segmentation_file(scene, path: str | Path, name: str | None = None):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"The segmentation '{path}' does not exist; check the path.")
+    import slicerio
+
+    try:
+        # MRML's reader aborts the whole process on some malformed files (measured on slicer-core 5.11):
+        # read it once in Python first, so a broken file is a sentence, not a crash.
+        slicerio.read_segmentation(str(path))
+    except Exception:  # slicerio and pynrrd raise plain exceptions for malformed files
+        raise InputError(f"'{path.name}' is not a segmentation Slicer can read; save it again as .seg.nrrd.") from None
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or path.name.removesuffix(".seg.nrrd"))
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     storage.SetFileName(str(path))
@@ -547,6 +645,22 @@ def _labelmap_on(scene, reference_node, name: str):
     if transform is not None:
         labelmap.SetAndObserveTransformNodeID(transform.GetID())
     return labelmap
+
+
+def remove_nodes(scene, nodes: Iterable) -> None:
+    """Remove nodes and what belongs to them only (display and storage nodes), as Slicer's Data module does."""
+    for node in nodes:
+        if node is None or node.GetScene() is not scene:
+            continue
+        owned = []
+        if node.IsA("vtkMRMLDisplayableNode"):
+            owned += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        if node.IsA("vtkMRMLStorableNode"):
+            owned += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+        scene.RemoveNode(node)
+        for item in owned:
+            if item is not None and item.GetScene() is scene:
+                scene.RemoveNode(item)
 
 
 @contextmanager
@@ -601,7 +715,7 @@ def _lesion_column_types() -> dict[str, type]:
     return types
 
 
-COLUMN_TYPES: dict[str, type] = {**_lesion_column_types(), STATUS_COLUMN: str}
+COLUMN_TYPES: dict[str, type] = {**_lesion_column_types(), STATUS_COLUMN: str, NOTE_COLUMN: str}
 
 
 def _number(value: object) -> float:
@@ -626,8 +740,17 @@ def lesion_from_row(row: Mapping[str, object]) -> LesionFeatures:
     return LesionFeatures(**values)
 
 
+def extra_columns(rows: Sequence[Mapping[str, object]]) -> list[str]:
+    """Columns of the rows beyond :data:`TABLE_COLUMNS` (added to ``lesions.csv`` by another tool), in order."""
+    extra: dict[str, None] = {}
+    for row in rows:
+        extra.update((column, None) for column in row if column not in COLUMN_TYPES)
+    return list(extra)
+
+
 def lesion_table_node(scene, rows: Sequence[Mapping[str, object]], name: str, table_node=None):
-    """Fill (or create) a table node with the lesion rows: the lesions.csv columns and ``status``.
+    """Fill (or create) a table node with the lesion rows: the lesions.csv columns, ``status`` and ``note``,
+    then any other column of the rows as text.
 
     Columns keep their machine names (scripts and exports read them); the table shows the reader's headers
     (:mod:`~PRLDetectorLib.detection.headers`) and, when the rows have a PRL probability, the most probable
@@ -638,13 +761,13 @@ def lesion_table_node(scene, rows: Sequence[Mapping[str, object]], name: str, ta
     columns = TABLE_COLUMNS
     rows = headers.view_rows(rows)
     table = vtk.vtkTable()
-    for column in columns:
-        kind = COLUMN_TYPES[column]
+    for column in (*columns, *extra_columns(rows)):
+        kind = COLUMN_TYPES.get(column, str)
         array = vtk.vtkStringArray() if kind is str else vtk.vtkIntArray() if kind is int else vtk.vtkDoubleArray()
         array.SetName(column)
         array.SetNumberOfValues(len(rows))
         for index, row in enumerate(rows):
-            value = row.get(column, CANDIDATE if column == STATUS_COLUMN else math.nan)
+            value = row.get(column, CANDIDATE if column == STATUS_COLUMN else "" if kind is str else math.nan)
             if kind is str:
                 array.SetValue(index, str(value))
             elif kind is int:

@@ -23,14 +23,16 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from PRLDetectorLib.detection.burden import Burden
-from PRLDetectorLib.detection.features import OPTIONAL_COLUMNS, format_cell, measure_lesions, read_lesions_csv
+from PRLDetectorLib.detection.features import format_cell, measure_lesions, read_lesions_csv
 from PRLDetectorLib.detection.lesions import find_lesions
 from PRLDetectorLib.detection.models import (
     ModelInfo,
@@ -57,6 +59,7 @@ from PRLDetectorLib.results import (
     LESIONS_NAME,
     SEGMENTATION_NAME,
     atomic_path,
+    read_record,
 )
 from PRLDetectorLib.settings import DetectionSettings
 
@@ -69,9 +72,24 @@ LIBRARY_PARENT = Path(__file__).resolve().parents[2]
 
 PROBABILITY_REFERENCE_ROLE = "PRLDetector.Probability"
 SETTINGS_ATTRIBUTE = "PRLDetector.Settings"
+RECORD_ATTRIBUTE = "PRLDetector.ResultRecord"
+"""The burden.json of an opened result folder: an export keeps what it says about inputs, model and grid."""
+RESULT_FOLDER_ATTRIBUTE = "PRLDetector.ResultFolder"
+"""Where an opened result folder lies: :meth:`SceneLogic.save_review` writes back there."""
 MODEL_ATTRIBUTE = "PRLDetector.Model"
 TRANSFORMS_ATTRIBUTE = "PRLDetector.InputTransforms"
 CLI_ERROR_PREFIX = "prl-detect: error: "
+
+
+@dataclass
+class OpenedResult:
+    """A result folder opened for review: where it lies, its burden.json, its volumes and its review."""
+
+    folder: Path
+    record: dict
+    qsm_node: object
+    flair_node: object | None
+    review: LesionReview
 
 
 @dataclass
@@ -420,16 +438,18 @@ class SceneLogic:
             if lesion is None:
                 logger.info("Segment '%s' is empty; it is left out of the table.", segment.name)
                 continue
-            row = {**dataclasses.replace(lesion, lesion_id=segment.lesion_id).as_row(), bridge.STATUS_COLUMN: segment.status}
+            row = {
+                **dataclasses.replace(lesion, lesion_id=segment.lesion_id).as_row(),
+                bridge.STATUS_COLUMN: segment.status,
+                bridge.NOTE_COLUMN: segment.note,
+            }
             old = previous.get(segment.lesion_id)
             if old is not None and _same_voxels(old, row):
-                # The classifier judged this outline: an untouched lesion keeps its PRL probability (an edited
-                # one is the reader's call now, and its status says what they decided).
-                for column in sorted(OPTIONAL_COLUMNS):
-                    row[column] = old.get(column, math.nan)
-                if probability is None:
-                    # Without the probability map an untouched lesion keeps the value detection measured.
-                    row["probability_mean"] = old.get("probability_mean", math.nan)
+                # An untouched lesion keeps what was measured without the segments: its PRL probability (the
+                # classifier judged this outline; an edited one is the reader's call now, and its status says
+                # what they decided), the mean probability when the probability map is not in the scene, and
+                # any column another tool added to lesions.csv.
+                row.update({k: v for k, v in old.items() if k not in row or _is_nan(row[k])})
             rows.append(row)
 
         if table_node is None:
@@ -464,6 +484,21 @@ class SceneLogic:
         logger.info("Lesion %d is %s.", lesion_id, status)
         return bridge.burden_from_rows(rows)
 
+    def set_note(self, segmentation_node, lesion_id: int, note: str) -> None:
+        """The reader's note on a lesion (one line; saved as a segment tag and in lesions.csv's ``note``)."""
+        segment_id = bridge.segment_id_of_lesion(segmentation_node, lesion_id)
+        if segment_id is None:
+            raise InputError(f"Lesion {lesion_id} has no segment any more; press Update burden to refresh the table.")
+        bridge.set_lesion_note(segmentation_node, segment_id, note)
+        table_node = bridge.linked_table(segmentation_node)
+        if table_node is not None:
+            rows = bridge.rows_from_table(table_node)
+            note = next(s.note for s in bridge.lesion_segments(segmentation_node) if s.segment_id == segment_id)
+            for row in rows:
+                if int(row["lesion_id"]) == lesion_id:
+                    row[bridge.NOTE_COLUMN] = note
+            bridge.lesion_table_node(self.scene, rows, table_node.GetName(), table_node)
+
     def burden(self, segmentation_node) -> Burden:
         table_node = bridge.linked_table(segmentation_node)
         return bridge.burden_from_table(table_node) if table_node else bridge.burden_from_rows([])
@@ -484,6 +519,92 @@ class SceneLogic:
             transform.GetTransformToWorld(to_world)
             point = list(to_world.TransformPoint(point))
         return tuple(point)
+
+    def centre_views_on_lesion(self, segmentation_node, lesion_id: int) -> tuple[float, float, float] | None:
+        """Centre every slice view on a lesion (its centroid); return that point, None if the lesion is gone."""
+        center = self.lesion_center_ras(segmentation_node, lesion_id)
+        if center is not None:
+            bridge.centre_slice_views(self.scene, center)
+        return center
+
+    # -- result folders ----------------------------------------------------------------------------------
+
+    def open_result(self, folder: str | Path) -> OpenedResult:
+        """Open a ``detect`` result folder (or one batch patient) for review, as it was last saved.
+
+        The QSM (and FLAIR, on the QSM grid as detection aligned it) come from the paths ``burden.json``
+        records; the lesions are the segments of ``prl.seg.nrrd`` with the statuses and notes a review saved
+        (a file straight from ``detect`` has candidates); the table is ``lesions.csv`` as measured.
+        """
+        from PRLDetectorLib.detection.result_images import QSM_WINDOW_PPM, read_result_images
+
+        folder = Path(folder)
+        record = read_record(folder)
+        for name in (SEGMENTATION_NAME, LESIONS_NAME):
+            if not (folder / name).is_file():
+                raise InputError(f"'{folder}' holds no {name}; it is not a complete PRLDetector result.")
+        rows = read_lesions_csv(folder / LESIONS_NAME)
+        images = read_result_images(folder, record)
+        case = folder.name
+        added = []
+        try:
+            qsm_node = bridge.add_volume_node(self.scene, images.qsm, self.scene.GenerateUniqueName(f"{case} QSM"))
+            added.append(qsm_node)
+            bridge.set_window(qsm_node, *QSM_WINDOW_PPM)
+            flair_node = None
+            if images.flair is not None:
+                flair_node = bridge.add_volume_node(self.scene, images.flair, self.scene.GenerateUniqueName(f"{case} FLAIR"))
+                added.append(flair_node)
+                if images.flair_window:
+                    bridge.set_window(flair_node, *images.flair_window)
+            segmentation_node = bridge.read_segmentation_file(
+                self.scene, folder / SEGMENTATION_NAME, self.scene.GenerateUniqueName(output_name(qsm_node))
+            )
+            added.append(segmentation_node)
+        except BaseException:
+            bridge.remove_nodes(self.scene, added)
+            raise
+        bridge.use_reference_volume(segmentation_node, qsm_node)
+        bridge.adopt_result_segments(segmentation_node, rows)
+        segments = {s.lesion_id: s for s in bridge.claim_new_segments(segmentation_node)}
+        measured = set(segments) == {int(row["lesion_id"]) for row in rows}
+        # The segments hold the statuses and notes; the table shows them beside the measurements.
+        table_rows = [
+            {**row, bridge.STATUS_COLUMN: segments[int(row["lesion_id"])].status,
+             bridge.NOTE_COLUMN: segments[int(row["lesion_id"])].note}
+            for row in rows
+        ] if measured else rows
+        table_node = bridge.lesion_table_node(self.scene, table_rows, self.scene.GenerateUniqueName(table_name(qsm_node)))
+        bridge.link_table(segmentation_node, table_node)
+        bridge.show_segmentation(segmentation_node)
+        segmentation_node.SetAttribute(RECORD_ATTRIBUTE, json.dumps(record))
+        segmentation_node.SetAttribute(RESULT_FOLDER_ATTRIBUTE, str(folder.resolve()))
+        _annotate(segmentation_node, record.get("settings", {}), record.get("model", {}))
+        review = LesionReview(segmentation_node, table_node, bridge.burden_from_rows(table_rows))
+        if not measured:
+            # A segment drawn in Slicer and saved without Update burden, or a table edited by hand: measure now.
+            review = self.update_burden(segmentation_node)
+        logger.info("Opened %s: %d lesion(s), %d PRL(s) not rejected.", folder, len(segments), review.burden.prl_count)
+        return OpenedResult(folder, record, qsm_node, flair_node, review)
+
+    def result_folder(self, segmentation_node) -> Path | None:
+        """The result folder a review was opened from (None for a detection or a mask made in the scene)."""
+        folder = segmentation_node.GetAttribute(RESULT_FOLDER_ATTRIBUTE) if segmentation_node else None
+        return Path(folder) if folder else None
+
+    def save_review(self, segmentation_node, reviewer: str, reviewed_in: str = "3D Slicer (PRL Detector)") -> dict[str, Path]:
+        """Save the review into the result folder it was opened from, with the reviewer's name."""
+        folder = self.result_folder(segmentation_node)
+        if folder is None:
+            raise InputError("This review was not opened from a result folder; use Export to choose a folder.")
+        if not reviewer.strip():
+            raise InputError("Type your name as reviewer before saving: the files record who reviewed them.")
+        return self.export(segmentation_node, folder, overwrite=True, reviewer=reviewer, reviewed_in=reviewed_in)
+
+    def close_result(self, opened: OpenedResult) -> None:
+        """Remove an opened result's nodes from the scene."""
+        review = opened.review
+        bridge.remove_nodes(self.scene, (review.table_node, review.segmentation_node, opened.flair_node, opened.qsm_node))
 
     # -- ground truth -------------------------------------------------------------------------------------
 
@@ -542,12 +663,18 @@ class SceneLogic:
 
     # -- export ---------------------------------------------------------------------------------------------
 
-    def export(self, segmentation_node, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    def export(
+        self, segmentation_node, out_dir: str | Path, overwrite: bool = False, reviewer: str = "",
+        reviewed_in: str = "3D Slicer (PRL Detector)",
+    ) -> dict[str, Path]:
         """Write lesions.csv, burden.json, prl.seg.nrrd and prl_labels.nii.gz of the review as it is now.
 
         The burden is updated first, so the files agree with the segments. The label map holds the lesions
         the reader did not reject, valued by lesion id; the table and the ``.seg.nrrd`` keep every lesion with
-        its status.
+        its status and note. A review of an opened result folder keeps what its burden.json said (inputs,
+        model, settings, grid) and adds the review. The four files replace the old ones together: all are
+        written first, ``burden.json`` (the result's marker) is renamed into place last, and a failure
+        before that leaves the old files as they were.
         """
         out_dir = Path(out_dir)
         paths = {name: out_dir / name for name in EXPORT_FILES}
@@ -559,33 +686,35 @@ class SceneLogic:
         out_dir.mkdir(parents=True, exist_ok=True)
         # Files keep lesion order (the panel may show the most probable PRL first).
         rows = sorted(bridge.rows_from_table(review.table_node), key=lambda row: int(row["lesion_id"]))
-
-        with atomic_path(paths[LESIONS_NAME]) as partial:
-            _write_rows_csv(partial, rows)
         kept = [s for s in bridge.lesion_segments(segmentation_node) if s.status != bridge.REJECTED]
         values = bridge.labels_from_segmentation(segmentation_node, qsm_node, [s.segment_id for s in kept])
         lookup = np.array([0] + [s.lesion_id for s in kept], dtype=np.uint16)
         label_image = sitk.GetImageFromArray(lookup[values])
         label_image.CopyInformation(bridge.geometry_image(qsm_node))
-        with atomic_path(paths[LABELS_NAME]) as partial:
-            sitk.WriteImage(label_image, str(partial), True)
-        with atomic_path(paths[SEGMENTATION_NAME]) as partial:
-            bridge.write_segmentation_file(segmentation_node, partial)
         record = {
+            **(_json_attribute(segmentation_node, RECORD_ATTRIBUTE) or {
+                "settings": _json_attribute(segmentation_node, SETTINGS_ATTRIBUTE),
+                "model": _json_attribute(segmentation_node, MODEL_ATTRIBUTE),
+            }),
             "burden": review.burden.to_dict(),
             "lesion_ids": [int(r["lesion_id"]) for r in rows if r[bridge.STATUS_COLUMN] != bridge.REJECTED],
             "rejected_lesion_ids": [int(r["lesion_id"]) for r in rows if r[bridge.STATUS_COLUMN] == bridge.REJECTED],
             "confirmed_lesion_ids": [int(r["lesion_id"]) for r in rows if r[bridge.STATUS_COLUMN] == bridge.CONFIRMED],
-            "reviewed_in": "3D Slicer (PRL Detector)",
+            "reviewed_in": reviewed_in,
+            "reviewer": " ".join(reviewer.split()),
+            "reviewed_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "qsm": qsm_node.GetName(),
             "segmentation": segmentation_node.GetName(),
-            "settings": _json_attribute(segmentation_node, SETTINGS_ATTRIBUTE),
-            "model": _json_attribute(segmentation_node, MODEL_ATTRIBUTE),
             "input_transforms": _json_attribute(segmentation_node, TRANSFORMS_ATTRIBUTE) or {},
         }
-        with atomic_path(paths[BURDEN_NAME]) as partial:
-            partial.write_text(json.dumps(record, indent=2), encoding="utf-8")
-        logger.info("Exported the review of '%s' to %s", segmentation_node.GetName(), out_dir)
+        with ExitStack() as stack:
+            # Entered first, left last: burden.json is renamed into place after the other three.
+            partial = {name: stack.enter_context(atomic_path(paths[name])) for name in (BURDEN_NAME, *(n for n in paths if n != BURDEN_NAME))}
+            _write_rows_csv(partial[LESIONS_NAME], rows)
+            sitk.WriteImage(label_image, str(partial[LABELS_NAME]), True)
+            bridge.write_segmentation_file(segmentation_node, partial[SEGMENTATION_NAME])
+            partial[BURDEN_NAME].write_text(json.dumps(record, indent=2), encoding="utf-8")
+        logger.info("Saved the review of '%s' to %s", segmentation_node.GetName(), out_dir)
         return paths
 
     def add_training_case(
@@ -612,6 +741,10 @@ class SceneLogic:
         return add_case(dataset_dir, qsm, mask, flair, case_id)
 
 
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def _same_voxels(old: Mapping[str, object], new: Mapping[str, object]) -> bool:
     keys = ("voxels", "bbox_min_i", "bbox_min_j", "bbox_min_k", "bbox_max_i", "bbox_max_j", "bbox_max_k")
     if any(int(old.get(k, -1)) != int(new[k]) for k in keys):
@@ -622,12 +755,13 @@ def _same_voxels(old: Mapping[str, object], new: Mapping[str, object]) -> bool:
 
 
 def _write_rows_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
-    """The lesions.csv layout (NaN as an empty cell) with the reader's status as the last column."""
+    """The lesions.csv layout (NaN as an empty cell) with the reader's status and note, then any other column."""
+    columns = [*bridge.CSV_COLUMNS, *bridge.extra_columns(rows)]
     with path.open("w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=bridge.CSV_COLUMNS)
+        writer = csv.DictWriter(stream, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({column: format_cell(column, row.get(column, "")) for column in bridge.CSV_COLUMNS})
+            writer.writerow({column: format_cell(column, row.get(column, "")) for column in columns})
 
 
 def _json_attribute(node, name: str):

@@ -24,12 +24,15 @@ MAY_IMPORT = {
     "training": {CORE, "detection", "exports", "training"},
     "phantom": {CORE, "detection", "exports", "phantom"},
     "mrml": {CORE, "detection", "exports", "cohort", "training", "phantom", "mrml"},
-    "cli": {CORE, "detection", "exports", "cohort", "training", "phantom", "mrml", "cli"},
+    "review": {CORE, "detection", "exports", "mrml", "review"},
+    "cli": {CORE, "detection", "exports", "cohort", "training", "phantom", "mrml", "review", "cli"},
 }
 """Wing → the wings it may import. Only cli (and ``__main__``, which runs it) may import cli."""
 MRML_PACKAGES = {"slicer", "vtk", "mrml", "MRMLCorePython", "vtkSlicerSegmentationsModuleMRMLPython"}
 """Top-level names that mean the Slicer scene; only the mrml wing imports them."""
 QT_PACKAGES = {"qt", "ctk", "PythonQt"}
+WEB_PACKAGES = {"trame", "trame_client", "trame_server", "trame_vuetify", "trame_rca", "trame_slicer"}
+"""The browser page's packages; only the review wing imports them."""
 LIGHT_MODULES = ("PRLDetectorLib.results", "PRLDetectorLib.cohort.batch", "PRLDetectorLib.cli.main")
 """Imported by every Dask worker or on every command: they must not load torch or nnU-Net on import."""
 
@@ -120,6 +123,12 @@ def test_only_the_mrml_wing_imports_slicer_vtk_or_mrml_and_nothing_imports_qt(gr
         assert not others & QT_PACKAGES, f"{module} imports {others & QT_PACKAGES}"
         if _wing(module) != "mrml":
             assert not others & MRML_PACKAGES, f"{module} imports {others & MRML_PACKAGES}; only mrml/ may"
+
+
+def test_only_the_review_wing_imports_the_web_packages(graph):
+    wrong = [f"{module} imports {sorted(others & WEB_PACKAGES)}" for module, (_, others) in graph.items()
+             if others & WEB_PACKAGES and _wing(module) != "review"]
+    assert not wrong, "\n".join(wrong)
 
 
 def test_no_two_modules_import_each_other_even_through_others(graph):

@@ -297,7 +297,7 @@ def test_lesion_rows_round_trip_through_a_table_node_with_their_types(scene, qsm
     rows = _rows(qsm_node, oblique_case[1], {2: bridge.REJECTED})
     table = bridge.lesion_table_node(scene, rows, "lesions")
     columns = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
-    assert columns == list(bridge.TABLE_COLUMNS) and sorted(columns) == sorted([*LESION_COLUMNS, "status"])
+    assert columns == list(bridge.TABLE_COLUMNS) and sorted(columns) == sorted([*LESION_COLUMNS, "status", "note"])
     assert table.GetNumberOfRows() == len(rows)
     assert table.GetTable().GetColumnByName("lesion_id").IsA("vtkIntArray")
     assert table.GetTable().GetColumnByName("volume_mm3").IsA("vtkDoubleArray")
@@ -306,9 +306,20 @@ def test_lesion_rows_round_trip_through_a_table_node_with_their_types(scene, qsm
     back = bridge.rows_from_table(table)
     assert len(back) == len(rows)
     for row, read in zip(rows, back, strict=True):
-        assert row.keys() == read.keys()
+        assert {**row, "note": ""}.keys() == read.keys()
         assert all(_same(row[k], read[k]) for k in row), row
     assert [r["status"] for r in back if r["lesion_id"] == 2] == [bridge.REJECTED]
+
+
+def test_columns_another_tool_added_to_lesions_csv_ride_along_as_text(scene, qsm_node, oblique_case):
+    rows = [{**row, "prl_probability": f"0.{row['lesion_id']}", bridge.NOTE_COLUMN: "faint rim"}
+            for row in _rows(qsm_node, oblique_case[1])]
+    table = bridge.lesion_table_node(scene, rows, "lesions")
+    columns = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
+    assert columns == [*bridge.TABLE_COLUMNS, "prl_probability"]
+    back = bridge.rows_from_table(table)
+    assert [r["prl_probability"] for r in back] == [r["prl_probability"] for r in rows]
+    assert {r[bridge.NOTE_COLUMN] for r in back} == {"faint rim"}
 
 
 def test_a_table_row_gives_back_its_lesion_features(scene, qsm_node, oblique_case):

@@ -293,21 +293,26 @@ def test_the_sample_case_loads_as_qsm_and_flair_nodes_with_its_ground_truth_and_
 def test_export_writes_the_review_and_the_files_read_back(logic, review, qsm_node, tmp_path):
     segmentation = review.segmentation_node
     logic.set_status(segmentation, 1, bridge.REJECTED)
-    paths = logic.export(segmentation, tmp_path / "out")
+    logic.set_note(segmentation, 2, "  rim only\n on the lateral side ")
+    paths = logic.export(segmentation, tmp_path / "out", reviewer="A. Reader")
     assert sorted(p.name for p in paths.values()) == sorted(EXPORT_FILES)
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name not in EXPORT_FILES]  # no partial file left
 
     header = paths["lesions.csv"].read_text(encoding="utf-8").splitlines()[0].split(",")
-    assert header == [*LESION_COLUMNS, "status"]
+    assert header == [*LESION_COLUMNS, "status", "note"]
     rows = read_lesions_csv(paths["lesions.csv"])
     table_rows = bridge.rows_from_table(review.table_node)
     assert [int(r["lesion_id"]) for r in rows] == [r["lesion_id"] for r in table_rows]
     assert [r["status"] for r in rows] == [r["status"] for r in table_rows]
+    assert {int(r["lesion_id"]): r["note"] for r in rows if r["note"]} == {2: "rim only on the lateral side"}
     for read, row in zip(rows, table_rows, strict=True):
         assert read["volume_mm3"] == pytest.approx(row["volume_mm3"], abs=1e-3)
 
     record = json.loads(paths["burden.json"].read_text(encoding="utf-8"))
     assert record["burden"]["prl_count"] == review.burden.prl_count - 1
     assert record["rejected_lesion_ids"] == [1]
+    assert record["reviewer"] == "A. Reader" and record["reviewed_in"] == "3D Slicer (PRL Detector)"
+    assert record["reviewed_utc"].endswith("+00:00")
 
     labels = sitk.ReadImage(str(paths["prl_labels.nii.gz"]))
     qsm = bridge.geometry_image(qsm_node)
@@ -323,6 +328,8 @@ def test_export_writes_the_review_and_the_files_read_back(logic, review, qsm_nod
     seg = slicerio.read_segmentation(str(paths["prl.seg.nrrd"]))
     assert [s["name"] for s in seg["segments"]] == [s.name for s in bridge.lesion_segments(segmentation)]
     assert {s["tags"][bridge.STATUS_TAG] for s in seg["segments"] if s["tags"][bridge.LESION_ID_TAG] == "1"} == {"rejected"}
+    assert {s["tags"].get(bridge.NOTE_TAG) for s in seg["segments"] if s["tags"][bridge.LESION_ID_TAG] == "2"} == {
+        "rim only on the lateral side"}
 
 
 def test_export_does_not_overwrite_unless_allowed(logic, review, tmp_path):
@@ -330,6 +337,172 @@ def test_export_does_not_overwrite_unless_allowed(logic, review, tmp_path):
     with pytest.raises(InputError, match="already holds"):
         logic.export(review.segmentation_node, tmp_path)
     logic.export(review.segmentation_node, tmp_path, overwrite=True)
+
+
+# -- result folders: open, review, save, open again ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def result_dir(tmp_path_factory):
+    """A result folder as detect writes it (the phantom's true PRLs as the "detection"), with FLAIR."""
+    from result_fixtures import write_phantom, write_truth_result_of_case
+
+    root = tmp_path_factory.mktemp("result")
+    case = write_phantom(root / "cases", "patient", seed=11, n_prl=3)
+    return write_truth_result_of_case(case, root / "result")
+
+
+@pytest.fixture
+def fresh_result(result_dir, tmp_path):
+    """A copy of the result folder to change (its burden.json keeps pointing at the phantom's scans)."""
+    import shutil
+
+    return Path(shutil.copytree(result_dir, tmp_path / "patient"))
+
+
+def test_a_detect_result_opens_with_its_scans_its_lesions_as_candidates_and_its_table(logic, scene, fresh_result):
+    opened = logic.open_result(fresh_result)
+    record = json.loads((fresh_result / "burden.json").read_text(encoding="utf-8"))
+    csv_rows = read_lesions_csv(fresh_result / "lesions.csv")
+    qsm = sitk.ReadImage(record["inputs"]["qsm"]["path"])
+    assert bridge.geometry_image(opened.qsm_node).GetSize() == qsm.GetSize()
+    assert np.allclose(bridge.geometry_image(opened.qsm_node).GetOrigin(), qsm.GetOrigin(), atol=1e-4)
+    # FLAIR is shown on the QSM grid, as detection aligned it.
+    assert opened.flair_node is not None
+    assert opened.flair_node.GetImageData().GetDimensions() == opened.qsm_node.GetImageData().GetDimensions()
+    segmentation = opened.review.segmentation_node
+    lesions = bridge.lesion_segments(segmentation)
+    assert [s.lesion_id for s in lesions] == [int(r["lesion_id"]) for r in csv_rows]
+    assert {s.status for s in lesions} == {bridge.CANDIDATE}
+    assert bridge.reference_volume(segmentation) is opened.qsm_node
+    labels = bridge.labels_from_segmentation(segmentation, opened.qsm_node)
+    for value, row in enumerate(csv_rows, start=1):
+        assert (labels == value).sum() == row["voxels"]
+    table_rows = bridge.rows_from_table(opened.review.table_node)
+    assert [r["volume_mm3"] for r in table_rows] == [r["volume_mm3"] for r in csv_rows]
+    assert opened.review.burden.prl_count == record["burden"]["prl_count"] == len(csv_rows)
+
+
+def test_a_saved_review_opens_again_as_it_was_saved_and_keeps_what_detection_recorded(logic, fresh_result):
+    before = json.loads((fresh_result / "burden.json").read_text(encoding="utf-8"))
+    opened = logic.open_result(fresh_result)
+    segmentation = opened.review.segmentation_node
+    logic.set_status(segmentation, 1, bridge.REJECTED)
+    logic.set_status(segmentation, 2, bridge.CONFIRMED)
+    logic.set_note(segmentation, 2, "clear rim")
+    logic.export(segmentation, fresh_result, overwrite=True, reviewer="A. Reader", reviewed_in="test")
+
+    record = json.loads((fresh_result / "burden.json").read_text(encoding="utf-8"))
+    for key in ("inputs", "model", "settings", "grid", "software", "created_utc"):
+        assert record[key] == before[key], key
+    assert record["burden"]["prl_count"] == before["burden"]["prl_count"] - 1
+    assert (record["rejected_lesion_ids"], record["confirmed_lesion_ids"]) == ([1], [2])
+    assert (record["reviewer"], record["reviewed_in"]) == ("A. Reader", "test")
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(fresh_result / "prl_labels.nii.gz")))
+    assert 1 not in np.unique(labels) and 2 in np.unique(labels)
+
+    again = SceneLogic(slicer.vtkMRMLScene()).open_result(fresh_result)
+    lesions = {s.lesion_id: s for s in bridge.lesion_segments(again.review.segmentation_node)}
+    assert (lesions[1].status, lesions[2].status, lesions[2].note) == (bridge.REJECTED, bridge.CONFIRMED, "clear rim")
+    assert {s.status for i, s in lesions.items() if i > 2} == {bridge.CANDIDATE}
+    assert again.review.burden.prl_count == record["burden"]["prl_count"]
+    rows = {int(r["lesion_id"]): r for r in bridge.rows_from_table(again.review.table_node)}
+    assert (rows[1]["status"], rows[2]["note"]) == (bridge.REJECTED, "clear rim")
+
+
+def test_closing_a_result_takes_all_its_nodes_out_of_the_scene(logic, scene, fresh_result):
+    nodes = _node_ids(scene)
+    opened = logic.open_result(fresh_result)
+    assert _node_ids(scene) - nodes
+    logic.close_result(opened)
+    assert {n for n in _node_ids(scene) - nodes if not n.startswith("vtkMRMLSubjectHierarchy")} == set()
+
+
+def test_a_segment_drawn_in_slicer_and_saved_without_measuring_is_measured_when_the_result_opens(logic, fresh_result):
+    opened = logic.open_result(fresh_result)
+    segmentation = opened.review.segmentation_node
+    mask = np.zeros(tuple(reversed(opened.qsm_node.GetImageData().GetDimensions())), dtype=np.uint8)
+    mask[10:14, 10:14, 10:14] = 1
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "drawn by the reader")
+    bridge.set_segment_from_array(segmentation, segment_id, mask, opened.qsm_node)
+    bridge.write_segmentation_file(segmentation, fresh_result / "prl.seg.nrrd")  # Slicer's "Save", not an export
+
+    again = SceneLogic(slicer.vtkMRMLScene()).open_result(fresh_result)
+    rows = bridge.rows_from_table(again.review.table_node)
+    assert len(rows) == len(read_lesions_csv(fresh_result / "lesions.csv")) + 1
+    drawn = rows[-1]
+    assert (drawn["voxels"], drawn["status"]) == (64, bridge.CONFIRMED)
+    assert again.review.burden.prl_count == len(rows)
+
+
+def test_save_writes_back_to_the_folder_the_review_came_from_and_needs_a_reviewer(logic, review, fresh_result):
+    with pytest.raises(InputError, match="not opened from a result folder"):
+        logic.save_review(review.segmentation_node, "A. Reader")
+    opened = logic.open_result(fresh_result)
+    with pytest.raises(InputError, match="Type your name"):
+        logic.save_review(opened.review.segmentation_node, "  ")
+    paths = logic.save_review(opened.review.segmentation_node, "A. Reader")
+    assert {path.parent for path in paths.values()} == {fresh_result.resolve()}
+
+
+def test_a_failed_save_leaves_the_result_as_it_was(logic, fresh_result, monkeypatch):
+    before = {p.name: p.read_bytes() for p in fresh_result.iterdir()}
+    opened = logic.open_result(fresh_result)
+    logic.set_status(opened.review.segmentation_node, 1, bridge.REJECTED)
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bridge, "write_segmentation_file", disk_full)
+    with pytest.raises(OSError):
+        logic.export(opened.review.segmentation_node, fresh_result, overwrite=True, reviewer="A. Reader")
+    assert {p.name: p.read_bytes() for p in fresh_result.iterdir()} == before
+
+
+def test_columns_another_tool_added_to_lesions_csv_survive_a_review(logic, fresh_result):
+    text = (fresh_result / "lesions.csv").read_text(encoding="utf-8").splitlines()
+    text = [text[0] + ",prl_probability"] + [line + f",0.{i}" for i, line in enumerate(text[1:], start=1)]
+    (fresh_result / "lesions.csv").write_text("\n".join(text) + "\n", encoding="utf-8")
+    opened = logic.open_result(fresh_result)
+    logic.export(opened.review.segmentation_node, fresh_result, overwrite=True, reviewer="A. Reader")
+    rows = read_lesions_csv(fresh_result / "lesions.csv")
+    assert [r["prl_probability"] for r in rows] == [f"0.{i}" for i in range(1, len(rows) + 1)]
+
+
+def test_a_result_whose_qsm_is_gone_or_that_is_incomplete_is_refused_and_leaves_the_scene_alone(logic, scene, fresh_result):
+    nodes = _node_ids(scene)
+    (fresh_result / "prl.seg.nrrd").write_bytes(b"NRRD0004\nnot a segmentation\n")
+    with pytest.raises(InputError, match="not a segmentation Slicer can read"):
+        logic.open_result(fresh_result)
+    assert _node_ids(scene) == nodes
+    record = json.loads((fresh_result / "burden.json").read_text(encoding="utf-8"))
+    record["inputs"]["qsm"]["path"] = str(fresh_result / "moved" / "qsm.nii.gz")
+    (fresh_result / "burden.json").write_text(json.dumps(record), encoding="utf-8")
+    with pytest.raises(InputError, match="no longer at"):
+        logic.open_result(fresh_result)
+    (fresh_result / "prl.seg.nrrd").unlink()
+    with pytest.raises(InputError, match="holds no prl.seg.nrrd"):
+        logic.open_result(fresh_result)
+    with pytest.raises(InputError, match="holds no burden.json"):
+        logic.open_result(fresh_result / "nothing")
+    assert _node_ids(scene) == nodes
+
+
+def test_centring_on_a_lesion_moves_every_slice_view_to_its_centroid(logic, scene, fresh_result):
+    opened = logic.open_result(fresh_result)
+    slice_logics = []
+    for name in ("Red", "Green", "Yellow"):
+        slice_logic = slicer.vtkMRMLSliceLogic()
+        slice_logic.SetMRMLScene(scene)
+        slice_logic.AddSliceNode(name)
+        slice_logics.append(slice_logic)
+    segmentation = opened.review.segmentation_node
+    row = _rows_by_id(opened.review.table_node)[2]
+    centre = logic.centre_views_on_lesion(segmentation, 2)
+    expected = (row["centroid_ras_x_mm"], row["centroid_ras_y_mm"], row["centroid_ras_z_mm"])
+    assert centre == pytest.approx(expected)
+    for slice_logic in slice_logics:
+        assert bridge.slice_centre_ras(slice_logic.GetSliceNode()) == pytest.approx(expected, abs=1e-3)
 
 
 def test_a_reviewed_case_joins_an_nnunet_training_set_without_rejected_lesions(logic, review, qsm_node, tmp_path):
