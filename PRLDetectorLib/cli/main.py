@@ -93,6 +93,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise InputError(f"--n {args.n} asks for no case; give 1 or more.")
+    if args.visits != 1:
+        return _phantom_visits(args)
     paths = generate_cohort(
         Path(args.out), n=args.n, seed=args.seed, with_flair=args.flair,
         spacing_mm=args.spacing, extent_mm=tuple(args.extent_mm) if args.extent_mm else None,
@@ -101,6 +103,23 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     for path in paths:
         truth = json.loads((path / "truth.json").read_text(encoding="utf-8"))
         print(f"{path}: {truth['prl_count']} PRL(s), {len(truth['lesions'])} lesion(s) and mimic(s)")
+    return 0
+
+
+def _phantom_visits(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.phantom.visits import VISITS_NAME, generate_visit_cohort
+
+    paths = generate_visit_cohort(
+        Path(args.out), n=args.n, seed=args.seed, n_visits=args.visits, with_flair=args.flair,
+        spacing_mm=args.spacing, extent_mm=tuple(args.extent_mm) if args.extent_mm else None,
+        vary_grid=args.vary_grid, progress=not args.quiet,
+    )
+    for path in paths:
+        record = json.loads((path / VISITS_NAME).read_text(encoding="utf-8"))
+        changes = "; ".join(
+            f"visit {i['from_visit']}→{i['to_visit']}: " + ", ".join(f"{n} {k}" for k, n in i["counts"].items() if n)
+            for i in record["intervals"])
+        print(f"{path}: {len(record['visits'])} visits; {changes or 'no PRL'}")
     return 0
 
 
@@ -183,6 +202,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     phantom.add_argument("--extent-mm", type=float, nargs=3, metavar=("X", "Y", "Z"),
                          help="crop the field of view to this box around the brain centre (small, fast cases)")
     phantom.add_argument("--vary-grid", action="store_true", help="draw each patient's grid from realistic ones")
+    phantom.add_argument("--visits", type=int, default=1,
+                         help="visits per patient (2 or more: CASE/visit_1, visit_2, ... and visits.json, which says "
+                              "how every PRL changed and how the head moved; visit 1 is the single-visit case)")
     phantom.set_defaults(func=cmd_phantom)
 
     train = sub.add_parser("train", help="train an nnU-Net v2 PRL model on case folders (phantoms or your own)")
