@@ -23,8 +23,9 @@ MAY_IMPORT = {
     "cohort": {CORE, "detection", "exports", "cohort"},
     "training": {CORE, "detection", "exports", "training"},
     "phantom": {CORE, "detection", "exports", "phantom"},
-    "mrml": {CORE, "detection", "exports", "cohort", "training", "phantom", "mrml"},
-    "cli": {CORE, "detection", "exports", "cohort", "training", "phantom", "mrml", "cli"},
+    "longitudinal": {CORE, "detection", "exports", "cohort", "longitudinal"},
+    "mrml": {CORE, "detection", "exports", "cohort", "training", "phantom", "longitudinal", "mrml"},
+    "cli": {CORE, "detection", "exports", "cohort", "training", "phantom", "longitudinal", "mrml", "cli"},
 }
 """Wing → the wings it may import. Only cli (and ``__main__``, which runs it) may import cli."""
 MRML_PACKAGES = {"slicer", "vtk", "mrml", "MRMLCorePython", "vtkSlicerSegmentationsModuleMRMLPython"}
