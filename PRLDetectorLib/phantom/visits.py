@@ -440,11 +440,45 @@ def write_visits(patient: PatientVisits, out_dir: Path, folder_name: str | None 
     return folder
 
 
+def write_visits_bids(patient: PatientVisits, bids_dir: Path, participant: str) -> Path:
+    """Add the patient to a BIDS dataset as ``participant`` (``sub-000``): one session per visit
+    (``ses-1/anat/sub-000_ses-1_Chimap.nii.gz`` [+ ``_FLAIR``]), its ``sub-000_sessions.tsv`` with each visit's
+    ``acq_time``; the phantom folder (truth included) goes to ``sourcedata/phantom/<participant>``."""
+    import shutil
+
+    bids_dir = Path(bids_dir)
+    if (bids_dir / participant).exists():
+        raise InputError(f"{bids_dir / participant} already exists; choose an empty output folder.")
+    source = write_visits(patient, bids_dir / "sourcedata" / "phantom", participant)
+    description = bids_dir / "dataset_description.json"
+    if not description.is_file():
+        description.write_text(json.dumps({"Name": "PRLDetector phantom visits", "BIDSVersion": "1.10.0",
+                                           "DatasetType": "raw", "GeneratedBy": [{"Name": GENERATOR_VERSION}]},
+                                          indent=2) + "\n", encoding="utf-8")
+    participants = bids_dir / "participants.tsv"
+    if not participants.is_file():
+        participants.write_text("participant_id\n", encoding="utf-8")
+    with participants.open("a", encoding="utf-8") as stream:
+        stream.write(f"{participant}\n")
+    sessions = ["session_id\tacq_time"]
+    for visit in patient.record["visits"]:
+        session = f"ses-{visit['visit']}"
+        anat = bids_dir / participant / session / "anat"
+        anat.mkdir(parents=True)
+        for name, suffix in (("qsm", "Chimap"), ("flair", "FLAIR")):
+            if (source / visit["folder"] / f"{name}.nii.gz").is_file():
+                shutil.copyfile(source / visit["folder"] / f"{name}.nii.gz", anat / f"{participant}_{session}_{suffix}.nii.gz")
+        sessions.append(f"{session}\t{visit['acq_time']}")
+    (bids_dir / participant / f"{participant}_sessions.tsv").write_text("\n".join(sessions) + "\n", encoding="utf-8")
+    return bids_dir / participant
+
+
 def generate_visit_cohort(out_dir: Path, n: int, seed: int, n_visits: int = 2, with_flair: bool = False,
                           spacing_mm: float | tuple = 1.0, extent_mm: float | tuple | None = None,
-                          vary_grid: bool = False, progress: bool = True) -> list[Path]:
+                          vary_grid: bool = False, progress: bool = True, bids: bool = False) -> list[Path]:
     """``n`` patients ``case_000``… with ``n_visits`` visits each; visit 1 of each is the case
-    :func:`~PRLDetectorLib.phantom.phantom.generate_cohort` makes with the same arguments."""
+    :func:`~PRLDetectorLib.phantom.phantom.generate_cohort` makes with the same arguments. With ``bids`` the
+    patients are written as a BIDS dataset (``sub-000``…, see :func:`write_visits_bids`)."""
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"Cohort size {n!r} is not a positive whole number.")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -453,7 +487,8 @@ def generate_visit_cohort(out_dir: Path, n: int, seed: int, n_visits: int = 2, w
     out_dir = Path(out_dir)
     width = max(3, len(str(n - 1)))
     case_ids = [f"case_{i:0{width}d}" for i in range(n)]
-    existing = [c for c in case_ids if (out_dir / c).exists()]
+    folder_names = [f"sub-{c.removeprefix('case_')}" if bids else c for c in case_ids]
+    existing = [c for c in folder_names if (out_dir / c).exists()]
     if existing:
         raise InputError(f"Case folder {out_dir / existing[0]} already exists ({len(existing)} of {n}); "
                          "choose an empty output folder.")
@@ -464,7 +499,10 @@ def generate_visit_cohort(out_dir: Path, n: int, seed: int, n_visits: int = 2, w
             rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 1]))
             spacing = VARY_GRID_SPACINGS[rng.integers(len(VARY_GRID_SPACINGS))]
         patient = generate_visits(case_ids[index], case_seed(seed, index), n_visits, with_flair, spacing, extent_mm)
-        folders.append(write_visits(patient, out_dir))
+        if bids:
+            folders.append(write_visits_bids(patient, out_dir, folder_names[index]))
+        else:
+            folders.append(write_visits(patient, out_dir))
         counts = patient.record["intervals"][-1]["counts"]
         logger.info("Wrote %s: %d visits; last interval %s", folders[-1], n_visits,
                     ", ".join(f"{v} {k}" for k, v in counts.items() if v))
