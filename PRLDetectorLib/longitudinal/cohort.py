@@ -29,7 +29,8 @@ from pathlib import Path
 from PRLDetectorLib.changes import GAINED, LOST
 from PRLDetectorLib.cohort.bids import BidsScan, find_bids_scans
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.longitudinal.outputs import CHANGE_COLUMNS, CHANGES_JSON
+from PRLDetectorLib.longitudinal.outputs import CHANGES_JSON
+from PRLDetectorLib.longitudinal.rows import CHANGE_COLUMNS
 from PRLDetectorLib.results import RESULT_MARKER, atomic_path
 
 logger = logging.getLogger(__name__)

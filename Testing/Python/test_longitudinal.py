@@ -21,12 +21,12 @@ from PRLDetectorLib.changes import CHANGE_LABELS, DISAPPEARED, ENLARGING, NEW, P
 from PRLDetectorLib.longitudinal.compare import VisitInput, run_longitudinal
 from PRLDetectorLib.longitudinal.evaluation import score_pair
 from PRLDetectorLib.longitudinal.outputs import (
-    CHANGE_COLUMNS,
     CHANGE_LABELS_NAME,
     CHANGE_SEGMENTATION_NAME,
     CHANGES_CSV,
     CHANGES_JSON,
 )
+from PRLDetectorLib.longitudinal.rows import CHANGE_COLUMNS
 from PRLDetectorLib.phantom.visits import generate_visits, write_visits
 
 PAIR_SEED, PAIR_PRL = 3, 5
