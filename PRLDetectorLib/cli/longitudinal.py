@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
@@ -36,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_longitudinal(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from PRLDetectorLib.longitudinal.compare import VisitInput, run_longitudinal
     from PRLDetectorLib.longitudinal.tracking import parse_time
@@ -49,7 +51,9 @@ def cmd_longitudinal(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     settings.validate()
-    with tqdm(desc="longitudinal", disable=args.quiet, bar_format="{desc}", leave=False) as bar:
+    # Log lines go through tqdm, so that they do not break the line that says which step runs.
+    with logging_redirect_tqdm(loggers=[logging.getLogger("PRLDetectorLib")]), \
+            tqdm(desc="longitudinal", disable=args.quiet, bar_format="{desc}", leave=False) as bar:
         table = run_longitudinal(visit("baseline"), visit("followup"), Path(args.out), settings, args.overwrite,
                                  args.report, progress=bar.set_description_str)
     counts = table.counts()

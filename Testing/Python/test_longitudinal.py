@@ -93,6 +93,15 @@ def test_a_resolved_prl_is_told_from_a_disappeared_one_by_the_follow_up_flair(co
     assert "FLAIR" in rows[RESOLVED]["evidence"] and "FLAIR" in rows[DISAPPEARED]["evidence"]
 
 
+def test_without_a_follow_up_flair_a_prl_whose_rim_went_is_called_resolved_and_the_table_says_why(pair, tmp_path):
+    results = _truth_results(pair, tmp_path / "results", with_flair=False)
+    table = run_longitudinal(VisitInput(results[0]), VisitInput(results[1]), tmp_path / "changes", report=False)
+    score = score_pair(tmp_path / "changes", pair)
+    gone = [called for true, called in score.events if true in (RESOLVED, DISAPPEARED)]
+    assert gone and set(gone) == {RESOLVED}
+    assert all("no FLAIR" in c.evidence for c in table.changes if c.change == RESOLVED)
+
+
 def test_the_change_table_gives_volumes_rims_and_their_change(comparison):
     rows = _rows(comparison)
     assert list(rows[0]) == list(CHANGE_COLUMNS)

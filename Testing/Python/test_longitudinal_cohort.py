@@ -104,6 +104,15 @@ def test_the_cohort_summary_gives_prls_gained_and_lost_per_patient_year_from_the
     assert {row["participant_id"] for row in rows} == set(SUBJECTS)
 
 
+def test_a_second_run_does_not_compare_finished_pairs_again(batch, bids):
+    out, _ = batch
+    finished = {p: p.stat().st_mtime_ns for p in (out / "longitudinal").glob("sub-*/*/changes.json")}
+    done = run_cli("batch", "--bids", bids, "--out", out, "--longitudinal")
+    assert done.returncode == 0, done.stderr
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert "Visits compared: 3 pair(s)" in done.stdout
+
+
 def test_a_session_dated_before_the_one_it_follows_is_refused_before_any_detection(bids, tmp_path):
     dataset = tmp_path / "dataset"
     shutil.copytree(bids, dataset)
