@@ -213,6 +213,9 @@ class PRLDetectorParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     lesionTable: slicer.vtkMRMLTableNode
     reviewer: str = ""
+    baselineSegmentation: vtkMRMLSegmentationNode
+    followupSegmentation: vtkMRMLSegmentationNode
+    changeTable: slicer.vtkMRMLTableNode
 
 
 SETTINGS_PARAMETERS = {
@@ -310,6 +313,9 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.noteLineEdit.connect("editingFinished()", self.onNoteEdited)
         self.ui.openResultButton.connect("clicked(bool)", self.onOpenResult)
         self.ui.saveResultButton.connect("clicked(bool)", self.onSaveResult)
+        self.ui.loadResultButton.connect("clicked(bool)", self.onLoadResult)
+        self.ui.compareVisitsButton.connect("clicked(bool)", self.onCompareVisits)
+        self.ui.changeTableView.connect("selectionChanged()", self.onChangeSelected)
 
         self.populateModels()
         self.initializeParameterNode()
@@ -394,6 +400,10 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveResultButton.enabled = self.logic.resultFolder(segmentation) is not None and not running
         self.showBurden(self.burdenOrNone(segmentation, table))
         self.updateStatusButtons()
+        self.ui.compareVisitsButton.enabled = bool(p and p.baselineSegmentation and p.followupSegmentation) and not running
+        changes = p.changeTable if p else None
+        if self.ui.changeTableView.mrmlTableNode() is not changes:
+            self.ui.changeTableView.setMRMLTableNode(changes)
 
     def showLesionTable(self, table) -> None:
         """The lesion table under the reader's headers (set by the Logic), some columns hidden: LPS copies of the
@@ -716,6 +726,49 @@ class PRLDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             self.showReview(self.logic.loadGroundTruth(path, p.qsmVolume, p.connectivity))
 
+    # -- follow-up visits -----------------------------------------------------------------------------------
+
+    def onLoadResult(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Output folder of prl-detect detect"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not load the result."), waitCursor=True):
+            if not ensureDependencies():
+                return
+            review = self.logic.loadResult(folder)
+            p = self._parameterNode
+            # The first result loaded is the baseline, the next the follow-up; the reader can swap them.
+            if not p.baselineSegmentation:
+                p.baselineSegmentation = review.segmentation_node
+            elif not p.followupSegmentation:
+                p.followupSegmentation = review.segmentation_node
+            self.showReview(review)
+
+    def onCompareVisits(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not compare the visits."), waitCursor=True):
+            p = self._parameterNode
+            comparison = self.logic.compareVisits(p.baselineSegmentation, p.followupSegmentation)
+            p.changeTable = comparison.table_node
+
+    def onChangeSelected(self) -> None:
+        p = self._parameterNode
+        view = self.ui.changeTableView
+        if not p or not p.changeTable or view.selectionModel() is None or not view.selectionModel().selectedIndexes():
+            return
+        row = view.sortFilterProxyModel().mapToSource(view.selectionModel().selectedIndexes()[0]).row()
+        positions = self.logic.changePositions(p.changeTable, row)
+        # Linked views: the red view shows the baseline, the yellow view the follow-up, each at the lesion.
+        layoutManager = slicer.app.layoutManager()
+        for viewName, segmentation, position in (("Red", p.baselineSegmentation, positions[0]),
+                                                 ("Yellow", p.followupSegmentation, positions[1])):
+            widget = layoutManager.sliceWidget(viewName) if layoutManager else None
+            if widget is None or position is None:
+                continue
+            volume = self.logic.referenceVolume(segmentation)
+            if volume is not None:
+                widget.sliceLogic().GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
+            widget.mrmlSliceNode().JumpSliceByCentering(*position)
+
     def onSplitSegmentation(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not split the segmentation."), waitCursor=True):
             p = self._parameterNode
@@ -869,6 +922,22 @@ class PRLDetectorLogic(ScriptedLoadableModuleLogic):
         if not ensureDependencies():
             return None
         return self.core.load_sample_case(sampleCacheDirectory())
+
+    # Follow-up visits
+
+    def loadResult(self, folder, qsmPath=None):
+        """A detect result folder as a review (its QSM and lesions), e.g. an earlier visit."""
+        return self.core.load_result(folder, qsmPath)
+
+    def compareVisits(self, baselineSegmentationNode, followupSegmentationNode, baselineFlairNode=None,
+                      followupFlairNode=None):
+        """The change table of two reviews (``.table_node``; ``.changes`` holds the registration and matches)."""
+        return self.core.compare_visits(baselineSegmentationNode, followupSegmentationNode, baselineFlairNode,
+                                        followupFlairNode)
+
+    def changePositions(self, changeTableNode, row: int):
+        """(baseline RAS, follow-up RAS) of a change table row; None where a visit cannot place it."""
+        return self.core.change_positions(changeTableNode, row)
 
     def loadPhantomCase(self, folder, seed: int = 0, withFlair: bool = True, extentMm=None):
         """A phantom QSM (+FLAIR) with known PRLs, generated locally; ``.ground_truth_path`` is its PRL mask."""

@@ -61,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.add_argument("--gt", help="ground-truth folder (<case>/gt_prl.nii.gz): the cohort report compares with it")
     batch.add_argument("--dicom-seg", action="store_true",
                        help="write prl_seg.dcm (DICOM SEG) for patients whose QSM is a DICOM series folder")
+    batch.add_argument("--longitudinal", action="store_true",
+                       help="with --bids: a subject's sessions are visits; compare each with the next (new, persisting, "
+                            "enlarging, resolved, disappeared PRLs) into OUT/longitudinal, with PRLs gained and lost "
+                            "per patient-year (dates from sub-*_sessions.tsv acq_time)")
     add_detection_options(batch)
     batch.set_defaults(func=cmd_batch)
 
@@ -125,6 +129,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     check_scale_out(args.workers, args.scheduler)
     if args.gt and not args.report:
         raise InputError("--gt is used by the cohort report; add --report, or run 'prl-detect evaluate'.")
+    if args.longitudinal and not args.bids:
+        raise InputError("--longitudinal compares the sessions of BIDS subjects; give the dataset with --bids.")
+    if args.longitudinal:  # session dates that contradict the visit order stop the run before any detection
+        from PRLDetectorLib.longitudinal.cohort import subject_visits
+
+        subject_visits(Path(args.bids))
     exports = CaseExports(report=args.report, dicom_seg=args.dicom_seg)
     run = run_bids_batch if args.bids else run_batch
     try:
@@ -148,7 +158,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"  {case_id}: {reason}")
     if args.report:
         print(f"Cohort report: {Path(args.out) / 'report.html'}")
+    if args.longitudinal:
+        _batch_longitudinal(args)
     return 0
+
+
+def _batch_longitudinal(args: argparse.Namespace) -> None:
+    from PRLDetectorLib.longitudinal.cohort import LONGITUDINAL_DIR, run_bids_longitudinal
+
+    outcome = run_bids_longitudinal(Path(args.bids), Path(args.out), report=args.report, progress=not args.quiet)
+    summary = outcome.summary
+    print(f"Visits compared: {summary['pairs_compared']} pair(s) of {summary['subjects_compared']} subject(s), "
+          f"{len(outcome.failed)} not comparable; PRLs gained {summary['prls_gained']}, lost {summary['prls_lost']}")
+    if summary["prls_gained_per_patient_year"] is not None:
+        print(f"Per patient-year ({summary['patient_years']:.1f} patient-years): gained "
+              f"{summary['prls_gained_per_patient_year']:.2f}, lost {summary['prls_lost_per_patient_year']:.2f}")
+    for pair, reason in sorted(outcome.failed.items()):
+        print(f"  {pair}: {reason}")
+    print(f"Change tables: {Path(args.out) / LONGITUDINAL_DIR}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from PRLDetectorLib import __version__
-from PRLDetectorLib.cli import classifier, cohort, review
+from PRLDetectorLib.cli import classifier, cohort, longitudinal, review
 from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.progress import LOGGER_NAME, PROGRESS_PREFIX, progress_line, step_progress
@@ -88,6 +88,10 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise InputError(f"--n {args.n} asks for no case; give 1 or more.")
+    if args.visits != 1:
+        return _phantom_visits(args)
+    if args.bids:
+        raise InputError("--bids writes the visits of each patient as BIDS sessions; add --visits 2 (or more).")
     paths = generate_cohort(
         Path(args.out), n=args.n, seed=args.seed, with_flair=args.flair,
         spacing_mm=args.spacing, extent_mm=tuple(args.extent_mm) if args.extent_mm else None,
@@ -119,6 +123,24 @@ def trained_model_name(name: str | None, model_out: str | Path) -> str:
         logger.warning("'%s' is a bundled model's name: use this model by its folder path, or install it under "
                        "another name.", name)
     return name
+
+def _phantom_visits(args: argparse.Namespace) -> int:
+    from PRLDetectorLib.phantom.visits import VISITS_NAME, generate_visit_cohort
+
+    paths = generate_visit_cohort(
+        Path(args.out), n=args.n, seed=args.seed, n_visits=args.visits, with_flair=args.flair,
+        spacing_mm=args.spacing, extent_mm=tuple(args.extent_mm) if args.extent_mm else None,
+        vary_grid=args.vary_grid, progress=not args.quiet, bids=args.bids,
+    )
+    for path in paths:
+        truth = Path(args.out) / "sourcedata" / "phantom" / path.name if args.bids else path
+        record = json.loads((truth / VISITS_NAME).read_text(encoding="utf-8"))
+        changes = "; ".join(
+            f"visit {i['from_visit']}→{i['to_visit']}: "
+            + (", ".join(f"{n} {k}" for k, n in i["counts"].items() if n) or "no PRL at either visit")
+            for i in record["intervals"])
+        print(f"{path}: {len(record['visits'])} visits; {changes}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -177,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.register(sub)
     cohort.register(sub)
     review.register(sub)
+    longitudinal.register(sub)
     return parser
 
 
@@ -214,6 +237,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="reconstructions --vary-acquisition draws from (default: all)")
     phantom.add_argument("--negative-share", type=float, default=None, metavar="F",
                          help="make this share of the patients PRL-negative (e.g. 0.25); others draw their count")
+    phantom.add_argument("--visits", type=int, default=1,
+                         help="visits per patient (2 or more: CASE/visit_1, visit_2, ... and visits.json, which says "
+                              "how every PRL changed and how the head moved; visit 1 is the single-visit case)")
+    phantom.add_argument("--bids", action="store_true",
+                         help="with --visits: write a BIDS dataset (sub-000/ses-1/anat/sub-000_ses-1_Chimap.nii.gz, "
+                              "sessions.tsv with acq_time; the truth in sourcedata/phantom)")
     phantom.set_defaults(func=cmd_phantom)
 
     train = sub.add_parser("train", help="train an nnU-Net v2 PRL model on case folders (phantoms or your own)")

@@ -106,7 +106,7 @@ def check_overlap(flair: sitk.Image, qsm: sitk.Image) -> float:
     return overlap
 
 
-def _outline(image: sitk.Image, masked: bool) -> sitk.Image:
+def brain_outline(image: sitk.Image, masked: bool) -> sitk.Image:
     """Head mask as uint8: the non-zero support of a masked map (QSM), Otsu's threshold of a FLAIR."""
     values = sitk.GetArrayViewFromImage(image)
     if masked:
@@ -146,18 +146,18 @@ def flair_to_qsm_grid(flair: sitk.Image, qsm: sitk.Image, mode: str = "auto") ->
     overlap = check_overlap(flair, qsm)
     identity = sitk.Transform(3, sitk.sitkIdentity)
     resampled = _resample(flair, qsm, identity)
-    qsm_outline = _outline(qsm, masked=True)
-    flair_outline = _outline(flair, masked=False)
+    qsm_outline = brain_outline(qsm, masked=True)
+    flair_outline = brain_outline(flair, masked=False)
     dice_before = _dice(_resample(flair_outline, qsm, identity, linear=False), qsm_outline)
     logger.info("FLAIR → QSM: box overlap %.0f %%, brain outline Dice %.3f", overlap * 100, dice_before)
     header_only = Alignment("resampled", overlap, dice_before, dice_before)
     if mode == "never":
         return resampled, header_only
 
-    fixed = _fixed_image(qsm, qsm_outline)
+    fixed = registration_image(qsm, qsm_outline)
     moving = sitk.Cast(flair, sitk.sitkFloat32)
     try:
-        transform = _register_rigid(fixed, qsm_outline, moving)
+        transform = register_rigid(fixed, qsm_outline, moving)
     except RuntimeError as error:  # e.g. a QSM without contrast
         logger.warning("Rigid registration of FLAIR failed (%s); keeping the scanner-space resampling.",
                        str(error).strip().splitlines()[-1][:120])
@@ -191,8 +191,9 @@ def flair_channel(flair: sitk.Image, qsm: sitk.Image, mode: str = "auto") -> tup
     return masked, alignment
 
 
-def _fixed_image(qsm: sitk.Image, qsm_outline: sitk.Image) -> sitk.Image:
-    """What FLAIR is registered to: the QSM map inside the brain, a value of its own outside it.
+def registration_image(qsm: sitk.Image, qsm_outline: sitk.Image) -> sitk.Image:
+    """What registration sees of a QSM map: the map inside the brain, a value of its own outside it. FLAIR is
+    registered to it; a follow-up QSM, made into one too, to the baseline's (:mod:`PRLDetectorLib.longitudinal`).
 
     Mutual information then sees both structures FLAIR shares with QSM: the brain outline (where there is one)
     and, inside, deep grey matter, veins, ventricles and the grey/white border. The outline alone failed on a
@@ -209,9 +210,10 @@ def _fixed_image(qsm: sitk.Image, qsm_outline: sitk.Image) -> sitk.Image:
     return fixed
 
 
-def _register_rigid(fixed: sitk.Image, qsm_outline: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransform:
-    # ``moving``: FLAIR as float32. The scanner-space headers are the starting point; rotation about the
-    # brain's centre.
+def register_rigid(fixed: sitk.Image, qsm_outline: sitk.Image, moving: sitk.Image) -> sitk.Euler3DTransform:
+    """Rigid Mattes-MI registration of ``moving`` (float32: FLAIR, or a follow-up QSM's registration image) to
+    ``fixed``; the transform maps fixed points to moving points."""
+    # The scanner-space headers are the starting point; rotation about the fixed brain's centre.
     initial = sitk.Euler3DTransform()
     shape = sitk.LabelShapeStatisticsImageFilter()
     shape.Execute(qsm_outline)

@@ -42,6 +42,9 @@ from PRLDetectorLib.detection.models import (
     resolve_model,
 )
 from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.longitudinal.alignment import align_visits
+from PRLDetectorLib.longitudinal.rows import CHANGE_COLUMNS, change_row
+from PRLDetectorLib.longitudinal.tracking import ChangeTable, Visit, track_lesions
 from PRLDetectorLib.mrml import bridge
 from PRLDetectorLib.mrml.process import (
     EXIT_INPUT_ERROR,
@@ -103,6 +106,14 @@ class PhantomNodes:
 
 
 @dataclass
+class VisitComparison:
+    """Two reviewed visits compared: the change table node (one row per tracked lesion) and what it came from."""
+
+    table_node: object
+    changes: ChangeTable
+
+
+@dataclass
 class LesionReview:
     """The nodes of one case under review and its burden (rejected lesions left out)."""
 
@@ -129,6 +140,10 @@ def input_transforms(qsm_node, flair_node=None) -> dict[str, dict]:
         flair["applied"] = f"FLAIR taken as the reader aligned it to the QSM: {how}"
         record["flair"] = flair
     return record
+
+BASELINE_REFERENCE_ROLE = "PRLDetector.BaselineSegmentation"
+FOLLOWUP_REFERENCE_ROLE = "PRLDetector.FollowupSegmentation"
+REGISTRATION_ATTRIBUTE = "PRLDetector.Registration"
 
 
 def output_name(qsm_node) -> str:
@@ -661,6 +676,89 @@ class SceneLogic:
 
         return self.load_phantom_case(folder, SAMPLE_SEED, True, extent_mm, SAMPLE_NAME)
 
+    # -- follow-up visits ----------------------------------------------------------------------------------
+
+    def load_result(self, result_dir: str | Path, qsm_path: str | Path | None = None, name: str | None = None) -> LesionReview:
+        """A ``detect`` result folder in the scene: its QSM (the one it names, or ``qsm_path``) and a review of
+        its lesions, as detection in the panel would have made it."""
+        from PRLDetectorLib.detection.images import read_image
+
+        result_dir = Path(result_dir)
+        if not (result_dir / BURDEN_NAME).is_file() or not (result_dir / LABELS_NAME).is_file():
+            raise InputError(f"'{result_dir}' is not a PRLDetector result (no {BURDEN_NAME}); choose the output folder "
+                             "of detect.")
+        record = json.loads((result_dir / BURDEN_NAME).read_text(encoding="utf-8"))
+        qsm_path = qsm_path or record.get("inputs", {}).get("qsm", {}).get("path")
+        if not qsm_path:
+            raise InputError(f"The result '{result_dir}' names no QSM; give the QSM it was detected on.")
+        qsm_node = bridge.add_volume_node(self.scene, read_image(qsm_path, "QSM"), name or f"{result_dir.name} QSM")
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result_dir / LABELS_NAME)))
+        review = self.show_detection(qsm_node, labels, read_lesions_csv(result_dir / LESIONS_NAME))
+        _annotate(review.segmentation_node, record.get("settings", {}), record.get("model", {}))
+        return review
+
+    def _visit(self, segmentation_node, name: str, flair_node=None) -> Visit:
+        """A reviewed visit as the comparison sees it: the lesions not rejected, measured as they are now."""
+        review = self.update_burden(segmentation_node)
+        qsm_node = self._reference(segmentation_node)
+        rows = [r for r in bridge.rows_from_table(review.table_node) if r[bridge.STATUS_COLUMN] != bridge.REJECTED]
+        kept = [s for s in bridge.lesion_segments(segmentation_node) if s.status != bridge.REJECTED]
+        values = bridge.labels_from_segmentation(segmentation_node, qsm_node, [s.segment_id for s in kept])
+        labels = np.array([0] + [s.lesion_id for s in kept], dtype=np.uint16)[values]
+        qsm = sitk.Cast(bridge.image_from_volume_node(qsm_node), sitk.sitkFloat32)
+
+        def flair() -> sitk.Image:
+            from PRLDetectorLib.detection.registration import flair_to_qsm_grid
+
+            return flair_to_qsm_grid(bridge.image_from_volume_node(flair_node), qsm)[0]
+
+        return Visit(name, qsm, labels, rows, flair if flair_node is not None else None, segmentation_node.GetName())
+
+    def compare_visits(self, baseline_segmentation, followup_segmentation, baseline_flair=None, followup_flair=None,
+                       name: str | None = None) -> VisitComparison:
+        """Register the follow-up's QSM to the baseline's, track the PRLs of the two reviews and show the changes
+        as a table node (one row per tracked lesion, the columns of ``changes.csv``)."""
+        if baseline_segmentation is None or followup_segmentation is None:
+            raise InputError("Choose the PRL segmentation of both visits (run detection or load a result for each).")
+        if baseline_segmentation is followup_segmentation:
+            raise InputError("The baseline and the follow-up are the same segmentation; choose one of each visit.")
+        baseline = self._visit(baseline_segmentation, "baseline", baseline_flair)
+        followup = self._visit(followup_segmentation, "follow-up", followup_flair)
+        changes = track_lesions(baseline, followup, align_visits(baseline.qsm, followup.qsm))
+        table_node = self.scene.AddNewNodeByClass(
+            "vtkMRMLTableNode", self.scene.GenerateUniqueName(name or f"{followup_segmentation.GetName()} changes"))
+        _fill_change_table(table_node, [change_row(change) for change in changes.changes])
+        table_node.SetNodeReferenceID(BASELINE_REFERENCE_ROLE, baseline_segmentation.GetID())
+        table_node.SetNodeReferenceID(FOLLOWUP_REFERENCE_ROLE, followup_segmentation.GetID())
+        table_node.SetAttribute(REGISTRATION_ATTRIBUTE, json.dumps(changes.alignment.to_dict()))
+        bridge.place_next_to(self.scene, table_node, self._reference(followup_segmentation))
+        logger.info("Compared '%s' with '%s': %s", baseline_segmentation.GetName(), followup_segmentation.GetName(),
+                    ", ".join(f"{n} {k}" for k, n in changes.counts().items() if n) or "no PRL at either visit")
+        return VisitComparison(table_node, changes)
+
+    def change_positions(self, table_node, row: int) -> tuple[tuple[float, float, float] | None, tuple[float, float, float] | None]:
+        """Where a tracked lesion lies at baseline and at follow-up (world RAS, each visit's segmentation's
+        transform applied); None for a visit where it cannot be placed."""
+        if table_node is None or not 0 <= row < table_node.GetNumberOfRows():
+            return None, None
+        table = table_node.GetTable()
+        out = []
+        for visit, role in (("baseline", BASELINE_REFERENCE_ROLE), ("followup", FOLLOWUP_REFERENCE_ROLE)):
+            point = [float(table.GetColumnByName(f"{visit}_centroid_ras_{axis}_mm").GetValue(row)) for axis in "xyz"]
+            if not all(math.isfinite(v) for v in point):
+                out.append(None)
+                continue
+            segmentation = table_node.GetNodeReference(role)
+            transform = segmentation.GetParentTransformNode() if segmentation is not None else None
+            if transform is not None:
+                import vtk
+
+                to_world = vtk.vtkGeneralTransform()
+                transform.GetTransformToWorld(to_world)
+                point = list(to_world.TransformPoint(point))
+            out.append(tuple(point))
+        return out[0], out[1]
+
     # -- export ---------------------------------------------------------------------------------------------
 
     def export(
@@ -743,6 +841,28 @@ class SceneLogic:
 
 def _is_nan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
+
+
+def _fill_change_table(table_node, rows: Sequence[Mapping[str, object]]) -> None:
+    """The change rows in a locked table node: text columns as text, ids as integers, the rest as numbers."""
+    import vtk
+
+    text = {"change", "relation", "baseline_ids", "followup_ids", "baseline_measured_from", "followup_measured_from",
+            "evidence"}
+    table = vtk.vtkTable()
+    for column in CHANGE_COLUMNS:
+        array = vtk.vtkStringArray() if column in text else vtk.vtkIntArray() if column == "change_id" else vtk.vtkDoubleArray()
+        array.SetName(column)
+        array.SetNumberOfValues(len(rows))
+        for index, row in enumerate(rows):
+            value = row[column]
+            array.SetValue(index, str(value) if column in text else int(value) if column == "change_id" else float(value))
+        table.AddColumn(array)
+    was_modifying = table_node.StartModify()
+    table_node.SetAndObserveTable(table)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    table_node.SetLocked(True)
+    table_node.EndModify(was_modifying)
 
 
 def _same_voxels(old: Mapping[str, object], new: Mapping[str, object]) -> bool:

@@ -121,6 +121,9 @@ class PhantomCase:
     """Tissue labels on the QSM grid (see ``anatomy.TISSUE_NAMES``); not written to disk."""
     chi: sitk.Image | None = field(default=None, repr=False)
     """The true susceptibility (ppm) the QSM was simulated from; not written to disk."""
+    patient: dict | None = field(default=None, repr=False)
+    """What a follow-up visit of this patient is made from (:mod:`PRLDetectorLib.phantom.visits`): the
+    scanner-to-template ``transform``, the ``tissue`` draw and the tissue ``texture`` (ppm, QSM grid)."""
 
 
 # --- grids and arguments --------------------------------------------------------------------------------
@@ -585,7 +588,8 @@ def generate_case(case_id: str, seed: int, with_flair: bool = False, spacing_mm:
     # Tissue is not uniform: a faint smooth texture (fibre orientation, myelin, iron) in the parenchyma.
     parenchyma = (labels != 0) & (labels != CSF) & (labels != VENTRICLE)
     texture = _smooth_noise(chi.shape, spacing_zyx, rng_anatomy, 4.0)
-    chi += texture * np.float32(rng_anatomy.uniform(0.003, 0.007)) * parenchyma
+    texture = texture * np.float32(rng_anatomy.uniform(0.003, 0.007)) * parenchyma
+    chi += texture
     qsm, qsm_info = simulate_qsm(chi, mask, spacing_zyx, rng_qsm, acquisition)
 
     instances = scene.instances
@@ -627,6 +631,7 @@ def generate_case(case_id: str, seed: int, with_flair: bool = False, spacing_mm:
         truth=truth,
         tissue=_image_like(scene.labels, grid),
         chi=_image_like(chi.astype(np.float32), grid),
+        patient={"transform": transform, "tissue": tissue, "texture": texture},
     )
 
 

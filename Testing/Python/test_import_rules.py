@@ -23,9 +23,10 @@ MAY_IMPORT = {
     "cohort": {CORE, "detection", "exports", "cohort"},
     "training": {CORE, "detection", "exports", "training"},
     "phantom": {CORE, "detection", "exports", "phantom"},
-    "mrml": {CORE, "detection", "exports", "cohort", "training", "phantom", "mrml"},
+    "longitudinal": {CORE, "detection", "exports", "cohort", "longitudinal"},
+    "mrml": {CORE, "detection", "exports", "cohort", "training", "phantom", "longitudinal", "mrml"},
     "review": {CORE, "detection", "exports", "mrml", "review"},
-    "cli": {CORE, "detection", "exports", "cohort", "training", "phantom", "mrml", "review", "cli"},
+    "cli": {CORE, "detection", "exports", "cohort", "training", "phantom", "longitudinal", "mrml", "review", "cli"},
 }
 """Wing → the wings it may import. Only cli (and ``__main__``, which runs it) may import cli."""
 MRML_PACKAGES = {"slicer", "vtk", "mrml", "MRMLCorePython", "vtkSlicerSegmentationsModuleMRMLPython"}

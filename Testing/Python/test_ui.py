@@ -126,7 +126,7 @@ def test_bound_widgets_name_parameters_of_the_parameter_node_with_a_widget_that_
                 assert "Choice(" in parameters[name], f"a combo box needs a Choice for '{name}'"
             bound[name] = widget
     # The model list changes at run time, so it is filled by code, not bound.
-    assert set(parameters) - set(bound) == {"model", "lesionTable"}
+    assert set(parameters) - set(bound) == {"model", "lesionTable", "changeTable"}
 
 
 def test_the_parameter_node_mirrors_the_detection_settings(module_tree, module_source):
