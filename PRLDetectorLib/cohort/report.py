@@ -83,7 +83,7 @@ class _Volumes:
     flair_lps: sitk.Image | None
 
 
-def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None) -> _Volumes:
+def _load_volumes(result_dir: Path, record: dict) -> _Volumes:
     from PRLDetectorLib.detection.images import head_mask, read_image
 
     inputs = record.get("inputs", {})
@@ -100,16 +100,14 @@ def _load_volumes(result_dir: Path, record: dict, flair_path: Path | None = None
     labels.CopyInformation(qsm)  # NIfTI rounds the header of a DICOM-read grid by ~1e-6 mm
     flair = None
     window = None
-    recorded = inputs.get("flair", {}).get("path")
-    flair_path = flair_path or recorded
+    flair_path = inputs.get("flair", {}).get("path")
     if flair_path:
         from PRLDetectorLib.detection.registration import flair_as_recorded, flair_to_qsm_grid
 
         original = read_image(flair_path, "FLAIR")
         # The alignment detection made and recorded, so FLAIR and outlines agree; else the same alignment
         # detection would make (it is deterministic).
-        same_file = str(flair_path) == str(recorded)
-        flair = flair_as_recorded(original, qsm, record.get("flair_alignment")) if same_file else None
+        flair = flair_as_recorded(original, qsm, record.get("flair_alignment"))
         if flair is None:
             flair, _ = flair_to_qsm_grid(original, qsm)
         values = sitk.GetArrayViewFromImage(flair)[brain]
@@ -304,17 +302,17 @@ def _read_record(result_dir: Path) -> dict:
     return json.loads(marker.read_text(encoding="utf-8"))
 
 
-def case_report_html(result_dir: Path, case_id: str | None = None, flair: Path | None = None) -> str:
+def case_report_html(result_dir: Path, case_id: str | None = None) -> str:
     """The patient page of one result folder of ``detect`` (or of one patient of a batch).
 
-    The FLAIR row shows the FLAIR detection used, or ``flair`` (a QSM-only model's patient may have one:
-    the reader still wants to see it).
+    The pictures show the scans detection used: a FLAIR row only when the model read a FLAIR (registering
+    a FLAIR only for the pictures would cost a QSM-only batch ~9 s a patient).
     """
     result_dir = Path(result_dir)
     record = _read_record(result_dir)
     case_id = case_id or result_dir.name
     lesions = read_lesions_csv(result_dir / LESIONS_NAME)
-    volumes = _load_volumes(result_dir, record, flair)
+    volumes = _load_volumes(result_dir, record)
     burden = record["burden"]
     model = record.get("model", {})
     settings = record.get("settings", {})
