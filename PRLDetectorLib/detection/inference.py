@@ -96,6 +96,17 @@ def _free_device_memory(device: torch.device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
+def _return_freed_memory() -> None:
+    """Hand memory that freed arrays left in the C heap back to the system (glibc keeps it otherwise), so
+    the next stage's peak does not stand on the last one's."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def openvino_available() -> bool:
     import importlib.util
 
@@ -353,11 +364,13 @@ class Segmenter:
                 predictor.dataset_json,
             )
         predictor.brain = seg[0] >= 0  # nnU-Net's non-zero mask (-1 outside it), on the network grid
+        _return_freed_memory()  # preprocessing's float64 copies, before the network pass adds its own
         predictor.skip_tiles = self.skip_empty_tiles
         predictor.on_tile = (lambda done, total: progress(done / total, f"Network tile {done}/{total}")) if progress else None
         with _quiet():
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(pre)).cpu()
         del data, pre, seg
+        _return_freed_memory()
         self.last_tiles = predictor.stats
         logger.info("Sliding window: %d of %d tiles hold brain and were run", predictor.stats.run, predictor.stats.total)
         if progress:

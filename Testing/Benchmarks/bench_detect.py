@@ -114,7 +114,8 @@ def main() -> None:
     print("Wall seconds and peak RSS (MB) of the largest process; each pair runs back to back.\n")
     print(f"{'case':28s} {'nnUNetv2_predict':>20s} {'prl-detect':>20s} {'time':>6s} {'memory':>7s} {'Dice':>6s}")
     rows = {}
-    for spacing in args.spacings:
+
+    def one_case(spacing: float) -> None:
         qsm = phantoms(f"one_{spacing:g}mm", 1, spacing)[0]
         ref = nnunet(nnunet_input(f"nnunet_in_{spacing:g}", [qsm]), work / f"ref_{spacing:g}")
         ours = ours_one(qsm, work / f"our_{spacing:g}")
@@ -122,13 +123,21 @@ def main() -> None:
         size = "×".join(map(str, sitk.ReadImage(str(qsm)).GetSize()))
         rows[spacing] = (ref, ours)
         print(f"{f'1 case, {spacing:g} mm ({size})':28s} {_cell(ref):>20s} {_cell(ours):>20s} "
-              f"{ours['wall_s'] / ref['wall_s']:6.2f} {ours['peak_rss_mb'] / ref['peak_rss_mb']:7.2f} {agreement:6.3f}")
+              f"{ours['wall_s'] / ref['wall_s']:6.2f} {ours['peak_rss_mb'] / ref['peak_rss_mb']:7.2f} {agreement:6.3f}",
+              flush=True)
+
+    # The ratio's case first, then the batch, then the rest of the scaling rows.
+    if args.spacings:
+        one_case(args.spacings[0])
     if args.cases:
         qsms = phantoms(f"batch_{args.cases}", args.cases, args.spacings[0] if args.spacings else 1.0)
         ref_batch = nnunet(nnunet_input("nnunet_in_batch", qsms), work / "ref_batch")
         our_batch = ours_batch(qsms, work / "our_batch")
         print(f"{f'{len(qsms)} cases, one process':28s} {_cell(ref_batch):>20s} {_cell(our_batch):>20s} "
-              f"{our_batch['wall_s'] / ref_batch['wall_s']:6.2f} {our_batch['peak_rss_mb'] / ref_batch['peak_rss_mb']:7.2f}")
+              f"{our_batch['wall_s'] / ref_batch['wall_s']:6.2f} {our_batch['peak_rss_mb'] / ref_batch['peak_rss_mb']:7.2f}",
+              flush=True)
+    for spacing in args.spacings[1:]:
+        one_case(spacing)
     print("\nRatios against their targets (prl-detect / nnUNetv2_predict_from_modelfolder, same run):")
     if args.spacings:
         ref, ours = rows[args.spacings[0]]
