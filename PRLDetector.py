@@ -29,7 +29,13 @@ from slicer.util import VTKObservationMixin
 from vtkSlicerSegmentationsModuleMRMLPython import vtkMRMLSegmentationNode
 
 from PRLDetectorLib.errors import InputError
-from PRLDetectorLib.settings import CONNECTIVITIES, DEVICES, DetectionSettings
+from PRLDetectorLib.settings import (
+    CONNECTIVITIES,
+    DEVICES,
+    NO_CLASSIFIER,
+    OPERATING_POINTS,
+    DetectionSettings,
+)
 
 LIB_MODULES = (
     "errors", "settings", "results", "progress", "mrml.process", "detection.models", "detection.images",
@@ -51,6 +57,7 @@ REQUIREMENTS = (
     ("nilearn", "nilearn>=0.11"),
     ("slicerio", "slicerio>=1.1"),
     ("tqdm", "tqdm>=4.60"),
+    ("lightgbm", "lightgbm>=4.3"),
 )
 """(import name, pip requirement) of what Slicer runs of the library (detection, review, the phantom), pinned
 as in pyproject.toml. PyTorch comes through the PyTorch extension instead."""
@@ -190,6 +197,7 @@ class PRLDetectorParameterNode:
     minLesionMm3: Annotated[float, WithinRange(0.0, 10000.0)] = _DEFAULTS.min_lesion_mm3
     connectivity: Annotated[int, Choice(CONNECTIVITIES)] = _DEFAULTS.connectivity
     minRimCoverage: Annotated[float, WithinRange(0.0, 1.0)] = _DEFAULTS.min_rim_coverage
+    operatingPoint: Annotated[str, Choice((*OPERATING_POINTS, NO_CLASSIFIER))] = _DEFAULTS.operating_point
     outputSegmentation: vtkMRMLSegmentationNode
     lesionTable: slicer.vtkMRMLTableNode
 
@@ -202,6 +210,7 @@ SETTINGS_PARAMETERS = {
     "min_lesion_mm3": "minLesionMm3",
     "connectivity": "connectivity",
     "min_rim_coverage": "minRimCoverage",
+    "operating_point": "operatingPoint",
 }
 """DetectionSettings field → parameter node name."""
 

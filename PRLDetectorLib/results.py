@@ -35,6 +35,10 @@ RESULT_MARKER = BURDEN_NAME
 """Its presence means the patient is finished (the folder appears whole, see :func:`atomic_path`)."""
 EXPORT_FILES = (LESIONS_NAME, BURDEN_NAME, SEGMENTATION_NAME, LABELS_NAME)
 """The files a Slicer review export writes: the result files, in the order the panel names them."""
+CANDIDATES_NAME = "candidates.csv"
+"""Stage 2's candidates (one row each: PRL probability, uncertainty, the lesion it became, its features);
+written when the lesion classifier ran. ``prl-detect train-classifier`` learns from it and the reader's
+statuses."""
 REPORT_NAME = "report.html"
 """A patient's (or a cohort's) HTML report, next to the result files."""
 DICOM_SEG_NAME = "prl_seg.dcm"

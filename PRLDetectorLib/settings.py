@@ -11,6 +11,10 @@ from PRLDetectorLib.errors import InputError
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 CONNECTIVITIES = (6, 18, 26)
+OPERATING_POINTS = ("sensitive", "balanced", "specific")
+"""Stage 2's presets, picked on validation candidates: most PRLs found / best balance / fewest false calls."""
+NO_CLASSIFIER = "off"
+"""Operating point that skips stage 2: the network's lesions at ``threshold`` (the paper's method)."""
 
 
 @dataclass
@@ -22,9 +26,15 @@ class DetectionSettings:
     tta: bool = False
     """Test-time augmentation by mirroring: about 6x slower on CPU for a small gain."""
     threshold: float = 0.5
-    """PRL probability above which a voxel belongs to a lesion."""
+    """Voxel PRL probability above which a voxel belongs to a lesion, when stage 2 is off (with stage 2 the
+    candidates come from the classifier's own, lower, stage-1 cut-off, as it was trained)."""
+    operating_point: str = "balanced"
+    """Stage 2, the lesion classifier of the model: ``sensitive``, ``balanced`` or ``specific`` (its cut-offs
+    on the calibrated PRL probability), or ``off`` for the network alone. A model without a classifier
+    runs as ``off``."""
     min_lesion_mm3: float = 10.0
-    """Lesion instances smaller than this are dropped."""
+    """Lesion instances smaller than this are dropped (stage 1 alone; with stage 2 the classifier's candidate
+    minimum applies, since it judges each candidate on a patch around it, not by its outline's size)."""
     connectivity: int = 26
     """Voxel connectivity that splits the PRL mask into lesions (6, 18 or 26)."""
     min_rim_coverage: float = 0.0
@@ -43,6 +53,9 @@ class DetectionSettings:
         if self.connectivity not in CONNECTIVITIES:
             raise InputError(f"Connectivity {self.connectivity} is not 6, 18 or 26; use one of those.")
         check_rim_coverage(self.min_rim_coverage)
+        if self.operating_point not in (*OPERATING_POINTS, NO_CLASSIFIER):
+            raise InputError(f"Operating point '{self.operating_point}' is unknown; use one of "
+                             f"{', '.join((*OPERATING_POINTS, NO_CLASSIFIER))}.")
         if not str(self.model).strip():
             raise InputError("No model is given; name a bundled model (qsm, qsm_flair) or an nnU-Net model folder.")
 

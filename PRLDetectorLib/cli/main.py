@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from PRLDetectorLib import __version__
-from PRLDetectorLib.cli import cohort
+from PRLDetectorLib.cli import classifier, cohort
 from PRLDetectorLib.cli.options import add_detection_options, settings_from_args
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.progress import PROGRESS_PREFIX, progress_line
@@ -96,7 +96,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     paths = generate_cohort(
         Path(args.out), n=args.n, seed=args.seed, with_flair=args.flair,
         spacing_mm=args.spacing, extent_mm=tuple(args.extent_mm) if args.extent_mm else None,
-        vary_grid=args.vary_grid, progress=not args.quiet,
+        vary_grid=args.vary_grid, progress=not args.quiet, vary_acquisition=args.vary_acquisition,
+        recons=tuple(args.recon), negative_share=args.negative_share,
     )
     for path in paths:
         truth = json.loads((path / "truth.json").read_text(encoding="utf-8"))
@@ -155,12 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)
+    classifier.register(sub)
     cohort.register(sub)
     return parser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``detect``, ``phantom``, ``train``, ``export-model``, ``export-dataset`` and ``models``."""
+    from PRLDetectorLib.phantom.phantom import RECONSTRUCTIONS
+
     detect = sub.add_parser("detect", help="find PRLs in one QSM (+FLAIR) case")
     detect.add_argument("--qsm", required=True, help="QSM in ppm: NIfTI, NRRD, MHA or a DICOM series folder")
     detect.add_argument("--flair", help="FLAIR (any grid overlapping the QSM); needs a QSM + FLAIR model")
@@ -183,6 +187,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     phantom.add_argument("--extent-mm", type=float, nargs=3, metavar=("X", "Y", "Z"),
                          help="crop the field of view to this box around the brain centre (small, fast cases)")
     phantom.add_argument("--vary-grid", action="store_true", help="draw each patient's grid from realistic ones")
+    phantom.add_argument("--vary-acquisition", action="store_true",
+                         help="draw each patient's site and protocol: QSM reconstruction, B0 tilt, noise, "
+                              "anisotropic grids, 2D FLAIR, and look-alikes (partial rims, veins through lesions, "
+                              "calcifications)")
+    phantom.add_argument("--recon", nargs="+", default=list(RECONSTRUCTIONS), choices=RECONSTRUCTIONS,
+                         help="reconstructions --vary-acquisition draws from (default: all)")
+    phantom.add_argument("--negative-share", type=float, default=None, metavar="F",
+                         help="make this share of the patients PRL-negative (e.g. 0.25); others draw their count")
     phantom.set_defaults(func=cmd_phantom)
 
     train = sub.add_parser("train", help="train an nnU-Net v2 PRL model on case folders (phantoms or your own)")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from PRLDetectorLib.settings import CONNECTIVITIES, DEVICES, DetectionSettings
+from PRLDetectorLib.settings import (
+    CONNECTIVITIES,
+    DEVICES,
+    NO_CLASSIFIER,
+    OPERATING_POINTS,
+    DetectionSettings,
+)
 
 
 def add_detection_options(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +22,13 @@ def add_detection_options(parser: argparse.ArgumentParser) -> None:
                         help="auto picks CUDA, then MPS, then CPU (default: %(default)s)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=defaults.tta,
                         help="test-time augmentation by mirroring, ~6x slower on CPU (default: off)")
+    parser.add_argument("--operating-point", choices=(*OPERATING_POINTS, NO_CLASSIFIER),
+                        default=defaults.operating_point,
+                        help="stage 2, the model's lesion classifier: which of its cut-offs calls a candidate a PRL "
+                             "(see the model card), or off for the network alone (default: %(default)s)")
     parser.add_argument("--threshold", type=float, default=defaults.threshold,
-                        help="PRL probability threshold (default: %(default)s)")
+                        help="voxel PRL probability threshold of the network when stage 2 is off "
+                             "(default: %(default)s)")
     parser.add_argument("--min-lesion-mm3", type=float, default=defaults.min_lesion_mm3,
                         help="drop lesions smaller than this (default: %(default)s mm³)")
     parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=defaults.connectivity,
@@ -32,4 +43,5 @@ def settings_from_args(args: argparse.Namespace) -> DetectionSettings:
     return DetectionSettings(
         model=args.model, device=args.device, tta=args.tta, threshold=args.threshold,
         min_lesion_mm3=args.min_lesion_mm3, connectivity=args.connectivity, min_rim_coverage=args.min_rim_coverage,
+        operating_point=args.operating_point,
     )

@@ -96,6 +96,13 @@ LESION_COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
         "Description": "Share (0 to 1) of the lesion's edge directions whose rim is paramagnetic: mean "
         "susceptibility more than 0.02 ppm above the surround."
     },
+    "prl_probability": {
+        "Description": "Calibrated probability (0 to 1) that the lesion is a PRL, from the model's lesion "
+        "classifier (stage 2); n/a when the classifier did not run."
+    },
+    "prl_uncertainty": {
+        "Description": "Standard deviation of that probability across the classifier's ensemble members."
+    },
 }
 """Description and units of every lesion measurement in the dseg TSV (all of LESION_COLUMNS but the id)."""
 

@@ -279,7 +279,9 @@ _LESION_TABLE = (
     ("centroid_ras_x_mm", "R–L (mm)", "{:.1f}"),
     ("centroid_ras_y_mm", "A–P (mm)", "{:.1f}"),
     ("centroid_ras_z_mm", "S–I (mm)", "{:.1f}"),
-    ("probability_mean", "probability", "{:.2f}"),
+    ("prl_probability", "PRL probability", "{:.2f}"),
+    ("prl_uncertainty", "± (ensemble)", "{:.2f}"),
+    ("probability_mean", "network probability", "{:.2f}"),
     ("rim_minus_surround_ppm", "rim − surround (ppb)", "{:.0f}"),
     ("rim_minus_core_ppm", "rim − core (ppb)", "{:.0f}"),
     ("paramagnetic_edge_fraction", "paramagnetic edge", "{:.0%}"),
@@ -322,7 +324,7 @@ def case_report_html(result_dir: Path, case_id: str | None = None) -> str:
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>Paramagnetic rim lesions – {esc(case_id)}</h1>",
         f"<div class='meta'>Model {esc(str(model.get('name', '?')))} ({esc(str(model.get('version', '?')))}), "
-        f"threshold {settings.get('threshold', '?')}, minimum lesion {settings.get('min_lesion_mm3', '?')} mm³, "
+        f"{_stage2(record)}, minimum lesion {settings.get('min_lesion_mm3', '?')} mm³, "
         f"rim check {_rim_check(settings)}; "
         f"detected {esc(str(record.get('created_utc', '?')))}; PRLDetector {esc(__version__)}. "
         "For research use; every lesion needs a reader's confirmation.</div>",
@@ -334,6 +336,9 @@ def case_report_html(result_dir: Path, case_id: str | None = None) -> str:
         "</div>",
     ]
     if lesions:
+        # A reader goes from the surest call to the least sure one.
+        lesions = sorted(lesions, key=lambda row: -(row["prl_probability"]
+                                                     if not math.isnan(row["prl_probability"]) else 2.0))
         parts.append("<h2>Lesions</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for _, h, _ in _LESION_TABLE) + "</tr>")
         for lesion in lesions:
             parts.append("<tr>" + "".join(f"<td>{_cell(c, f, lesion[c])}</td>" for c, _, f in _LESION_TABLE) + "</tr>")
@@ -353,7 +358,9 @@ def case_report_html(result_dir: Path, case_id: str | None = None) -> str:
             lesion_id = int(lesion["lesion_id"])
             title = (f"PRL {lesion_id}: {lesion['volume_mm3']:.0f} mm³ at RAS ({lesion['centroid_ras_x_mm']:.0f}, "
                      f"{lesion['centroid_ras_y_mm']:.0f}, {lesion['centroid_ras_z_mm']:.0f}) mm; rim − surround "
-                     f"{_cell('rim_minus_surround_ppm', '{:+.0f}', lesion['rim_minus_surround_ppm'])} ppb")
+                     f"{_cell('rim_minus_surround_ppm', '{:+.0f}', lesion['rim_minus_surround_ppm'])} ppb"
+                     + ("" if math.isnan(lesion["prl_probability"]) else
+                        f"; PRL probability {lesion['prl_probability']:.2f} ± {lesion['prl_uncertainty']:.2f}"))
             figure = lesion_figure(volumes, lesion, title)
             parts.append(f"<div class='lesion' id='prl{lesion_id}'><img alt='{esc(title)}' src='{figure}'></div>")
     else:
@@ -526,6 +533,16 @@ def write_cohort_report(
     out_path.write_text(cohort_report_html(out_dir, gt_dir, association, association_png), encoding="utf-8")
     logger.info("Wrote %s", out_path)
     return out_path
+
+
+def _stage2(record: dict) -> str:
+    """How the calls were made: the classifier's operating point, or the network's threshold alone."""
+    stage2 = record.get("lesion_classifier")
+    if stage2:
+        return (f"lesion classifier at its {stage2['operating_point']} point (PRL probability ≥ "
+                f"{stage2['probability_cutoff']:.2f}; {stage2['called']} of {stage2['candidates']} candidates called, "
+                f"expected PRL count {stage2['expected_prl_count']:.1f})")
+    return f"network alone, threshold {record.get('settings', {}).get('threshold', '?')}"
 
 
 def _rim_check(settings: dict) -> str:

@@ -79,6 +79,10 @@ class LesionFeatures:
     rim_minus_core_ppm: float
     rim_minus_surround_ppm: float
     paramagnetic_edge_fraction: float
+    prl_probability: float = math.nan
+    """Stage 2's calibrated probability that the lesion is a PRL; NaN when no lesion classifier ran."""
+    prl_uncertainty: float = math.nan
+    """Spread (standard deviation) of that probability across the classifier's ensemble members."""
 
     def as_row(self) -> dict[str, int | float]:
         """Flat mapping with the keys of :data:`LESION_COLUMNS`, in that order."""
@@ -103,6 +107,8 @@ LESION_COLUMNS: tuple[str, ...] = tuple(
     column for field in fields(LesionFeatures) for column in _VECTOR_COLUMNS.get(field.name, (field.name,))
 )
 """CSV column order of the lesion table. New columns are only ever appended."""
+OPTIONAL_COLUMNS = frozenset({"prl_probability", "prl_uncertainty"})
+"""Columns a lesion table written before the lesion classifier lacks; read as NaN."""
 
 _INT_COLUMNS = frozenset({"lesion_id", "voxels", *_VECTOR_COLUMNS["bbox_min_ijk"], *_VECTOR_COLUMNS["bbox_max_ijk"]})
 
@@ -349,7 +355,8 @@ def read_lesions_csv(path: str | Path) -> list[dict[str, int | float | str]]:
         raise InputError(f"Lesion table {path} does not exist; pass the CSV that detection wrote.")
     with path.open(newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
-        missing = [column for column in LESION_COLUMNS if column not in (reader.fieldnames or ())]
+        missing = [column for column in LESION_COLUMNS
+                   if column not in (reader.fieldnames or ()) and column not in OPTIONAL_COLUMNS]
         if missing:
             raise InputError(
                 f"Lesion table {path} lacks the column(s) {', '.join(missing)}; pass a table written by PRLDetector."
@@ -357,7 +364,8 @@ def read_lesions_csv(path: str | Path) -> list[dict[str, int | float | str]]:
         rows = []
         for line, raw in enumerate(reader, start=2):
             try:
-                rows.append({column: _parse_cell(column, text) for column, text in raw.items() if column is not None})
+                row = {column: _parse_cell(column, text) for column, text in raw.items() if column is not None}
+                rows.append({**{column: math.nan for column in OPTIONAL_COLUMNS}, **row})
             except ValueError as error:
                 raise InputError(f"Lesion table {path}, line {line}, holds a value that is not a number: {error}.") from None
     return rows

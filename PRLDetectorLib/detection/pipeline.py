@@ -7,12 +7,13 @@ volumes → FLAIR on the QSM grid → PRL probability → lesion instances → p
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import SimpleITK as sitk
 
 from PRLDetectorLib import __version__
 from PRLDetectorLib.detection.burden import Burden, compute_burden
+from PRLDetectorLib.detection.candidates import FEATURE_NAMES, CandidateSet, find_case_candidates
+from PRLDetectorLib.detection.classifier import LesionClassifier, model_classifier
 from PRLDetectorLib.detection.features import (
     LesionFeatures,
     lesions_without_rim,
@@ -42,13 +45,14 @@ from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.exports.segments import write_seg_nrrd
 from PRLDetectorLib.results import (
     BURDEN_NAME,
+    CANDIDATES_NAME,
     LABELS_NAME,
     LESIONS_NAME,
     RESULT_MARKER,
     SEGMENTATION_NAME,
     atomic_path,
 )
-from PRLDetectorLib.settings import DetectionSettings
+from PRLDetectorLib.settings import NO_CLASSIFIER, DetectionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,38 @@ class DetectionResult:
     timings: dict[str, float] = field(default_factory=dict)
     tiles: dict[str, int] = field(default_factory=dict)
     """Sliding-window tiles in all and tiles run (the rest held no brain)."""
+    stage2: Stage2 | None = None
+    """The lesion classifier's candidates and calls; None when stage 2 did not run."""
+
+
+@dataclass
+class Stage2:
+    """What the lesion classifier saw and decided."""
+
+    operating_point: str
+    cutoff: float
+    candidates: CandidateSet
+    probability: np.ndarray
+    """Calibrated PRL probability per candidate."""
+    uncertainty: np.ndarray
+    lesion_of_candidate: np.ndarray
+    """The lesion id each candidate became (0: not called, or dropped by size or the rim check)."""
+    classifier: dict
+    seconds: float = 0.0
+    """Time stage 2 took: candidates, their features and the classifier."""
+
+    def record(self) -> dict:
+        """The part of ``burden.json`` that says how stage 2 decided."""
+        return {
+            "operating_point": self.operating_point,
+            "probability_cutoff": round(self.cutoff, 4),
+            "candidates": int(self.candidates.count),
+            "called": int(np.count_nonzero(self.probability >= self.cutoff)),
+            # The sum of calibrated probabilities estimates the PRL count without choosing a cut-off.
+            "expected_prl_count": round(float(self.probability.sum()), 2),
+            "classifier": self.classifier,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def _stage(progress: Progress | None, start: float, end: float) -> Progress | None:
@@ -92,6 +128,14 @@ class Detector:
         self.settings.validate()
         self.model = resolve_model(self.settings.model, extra_model_dirs)
         self.segmenter = Segmenter(self.model, device=self.settings.device, tta=self.settings.tta)
+        self.classifier: LesionClassifier | None = None
+        if self.settings.operating_point != NO_CLASSIFIER:
+            self.classifier = model_classifier(self.model.path)
+            if self.classifier is None:
+                logger.warning("Model '%s' has no lesion classifier: its network's lesions are the calls "
+                               "(stage 1 alone, threshold %.2f).", self.model.name, self.settings.threshold)
+            else:
+                self.classifier.cutoff(self.settings.operating_point)  # an unknown point fails before any work
 
     def check_inputs(self, with_flair: bool) -> None:
         """Fail before any work when the inputs do not match the model's channels."""
@@ -122,20 +166,9 @@ class Detector:
         t = time.perf_counter()
         if progress:
             progress(0.92, "Splitting lesions and measuring them")
-        probability_values = sitk.GetArrayViewFromImage(probability)
-        labels = find_lesions(
-            probability_values >= settings.threshold, qsm.GetSpacing(), settings.min_lesion_mm3, settings.connectivity
-        )
-        qsm_values = sitk.GetArrayViewFromImage(qsm)
-        lesions = measure_lesions(labels, qsm_values, qsm, probability_values)
-        if settings.min_rim_coverage > 0:
-            rimless = lesions_without_rim(lesions, settings.min_rim_coverage)
-            if rimless:
-                labels[np.isin(labels, rimless)] = 0
-                labels = relabel_consecutive(labels, by_volume=True)
-                lesions = measure_lesions(labels, qsm_values, qsm, probability_values)
-            logger.info("Rim check: dropped %d of %d lesion(s) whose paramagnetic rim covers < %.0f %% of the edge",
-                        len(rimless), len(rimless) + len(lesions), 100 * settings.min_rim_coverage)
+        labels, lesions, stage2 = self.lesions_from_probability(qsm, probability, channels.get("flair"))
+        if stage2 is not None:
+            timings["stage2_s"] = stage2.seconds
         burden = compute_burden(lesions)
         timings["lesions_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - started
@@ -148,14 +181,105 @@ class Detector:
         return DetectionResult(
             labels=_image_like(labels, qsm), probability=probability, lesions=lesions, burden=burden,
             model=self.model, settings=settings, alignment=alignment, checks=checks, timings=timings,
-            tiles=vars(self.segmenter.last_tiles).copy(),
+            tiles=vars(self.segmenter.last_tiles).copy(), stage2=stage2,
         )
+
+    def lesions_from_probability(self, qsm: sitk.Image, probability: sitk.Image, flair: sitk.Image | None = None
+                                 ) -> tuple[np.ndarray, list[LesionFeatures], Stage2 | None]:
+        """Everything after the network: lesion instances (stage 2 when the model has a classifier), their
+        features and probabilities, the rim check. ``flair`` is the FLAIR channel on the QSM grid, if any."""
+        settings = self.settings
+        probability_values = sitk.GetArrayViewFromImage(probability)
+        qsm_values = sitk.GetArrayViewFromImage(qsm)
+        stage2 = None
+        if self.classifier is not None:
+            labels, stage2 = self._classify(qsm, probability_values, flair)
+        else:
+            labels = find_lesions(
+                probability_values >= settings.threshold, qsm.GetSpacing(), settings.min_lesion_mm3,
+                settings.connectivity
+            )
+        lesions = self._with_probabilities(measure_lesions(labels, qsm_values, qsm, probability_values), stage2)
+        if settings.min_rim_coverage > 0:
+            rimless = lesions_without_rim(lesions, settings.min_rim_coverage)
+            if rimless:
+                labels[np.isin(labels, rimless)] = 0
+                labels = relabel_consecutive(labels, by_volume=True)
+                if stage2 is not None:
+                    stage2.lesion_of_candidate = _lesion_of_candidate(stage2.candidates.labels, labels)
+                lesions = self._with_probabilities(measure_lesions(labels, qsm_values, qsm, probability_values),
+                                                   stage2)
+            logger.info("Rim check: dropped %d of %d lesion(s) whose paramagnetic rim covers < %.0f %% of the edge",
+                        len(rimless), len(rimless) + len(lesions), 100 * settings.min_rim_coverage)
+        return labels, lesions, stage2
+
+    def _classify(self, qsm: sitk.Image, probability: np.ndarray, flair: sitk.Image | None
+                  ) -> tuple[np.ndarray, Stage2]:
+        """Stage 2: candidates at the classifier's stage-1 cut-off (+ FLAIR-bright lesions), the ones called
+        at the operating point kept as lesions, numbered by volume."""
+        classifier = self.classifier
+        settings = self.settings
+        started = time.perf_counter()
+        candidates = find_case_candidates(
+            qsm, probability, flair if classifier.flair_candidates else None, classifier.candidate_threshold,
+            classifier.candidate_min_mm3, settings.connectivity)
+        chance, spread = classifier.predict(candidates.features)
+        cutoff = classifier.cutoff(settings.operating_point)
+        called = np.flatnonzero(chance >= cutoff) + 1
+        kept = np.isin(candidates.labels, called)
+        # A called candidate stays a lesion whatever its outline's size: the classifier judged it on its patch,
+        # and a PRL whose stage-1 outline is a small piece of its rim is still a PRL (candidates are already
+        # at least the classifier's minimum size).
+        labels = find_lesions(kept, qsm.GetSpacing(), 0.0, settings.connectivity)
+        stage2 = Stage2(settings.operating_point, cutoff, candidates, chance, spread,
+                        _lesion_of_candidate(candidates.labels, labels), _classifier_record(classifier),
+                        time.perf_counter() - started)
+        logger.info("Lesion classifier (%s, p ≥ %.2f): %d of %d candidate(s) called PRL",
+                    settings.operating_point, cutoff, len(called), candidates.count)
+        return labels, stage2
+
+    @staticmethod
+    def _with_probabilities(lesions: list[LesionFeatures], stage2: Stage2 | None) -> list[LesionFeatures]:
+        if stage2 is None:
+            return lesions
+        by_lesion = {int(lesion): k for k, lesion in enumerate(stage2.lesion_of_candidate) if lesion}
+        return [replace(lesion, prl_probability=float(stage2.probability[by_lesion[lesion.lesion_id]]),
+                        prl_uncertainty=float(stage2.uncertainty[by_lesion[lesion.lesion_id]]))
+                if lesion.lesion_id in by_lesion else lesion for lesion in lesions]
 
     def detect_files(self, qsm_path: str | Path, flair_path: str | Path | None = None, progress: Progress | None = None) -> DetectionResult:
         self.check_inputs(flair_path is not None)
         qsm = read_image(qsm_path, "QSM")
         flair = read_image(flair_path, "FLAIR") if flair_path is not None else None
         return self.detect(qsm, flair, progress)
+
+
+def _lesion_of_candidate(candidates: np.ndarray, lesions: np.ndarray) -> np.ndarray:
+    """For each candidate id 1..n, the lesion id it became (0 if none): a lesion is a whole candidate."""
+    n = int(candidates.max()) if candidates.size else 0
+    out = np.zeros(n, np.int64)
+    inside = (candidates > 0) & (lesions > 0)
+    out[candidates[inside].astype(np.int64) - 1] = lesions[inside]
+    return out
+
+
+def _classifier_record(classifier: LesionClassifier) -> dict:
+    card = classifier.card
+    return {key: card[key] for key in ("name", "version", "trained_on", "validation", "candidate_threshold")
+            if key in card}
+
+
+def write_candidates_csv(path: str | Path, stage2: Stage2) -> None:
+    """One row per candidate: what stage 2 decided about it and the features it decided on."""
+    columns = ["candidate_id", "lesion_id", "source", "prl_probability", "prl_uncertainty", *FEATURE_NAMES]
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(columns)
+        for k in range(stage2.candidates.count):
+            values = [repr(round(float(v), 6)) if np.isfinite(v) else "" for v in stage2.candidates.features[k]]
+            writer.writerow([k + 1, int(stage2.lesion_of_candidate[k]), stage2.candidates.sources[k],
+                             repr(round(float(stage2.probability[k]), 6)),
+                             repr(round(float(stage2.uncertainty[k]), 6)), *values])
 
 
 def check_output_folder(out_dir: str | Path, overwrite: bool) -> None:
@@ -218,6 +342,10 @@ def result_record(result: DetectionResult, inputs: dict[str, str | Path] | None 
             "direction": list(result.labels.GetDirection()),
         },
         "network_tiles": result.tiles,
+        "lesion_classifier": result.stage2.record() if result.stage2 else None,
+        "lesion_probabilities": [
+            {"lesion_id": lesion.lesion_id, "prl_probability": lesion.prl_probability,
+             "prl_uncertainty": lesion.prl_uncertainty} for lesion in result.lesions] if result.stage2 else None,
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "software": software_versions(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -234,6 +362,8 @@ def write_result(
         sitk.WriteImage(sitk.Cast(result.labels, sitk.sitkUInt16), str(staging / LABELS_NAME), True)
         write_seg_nrrd(result.labels, staging / SEGMENTATION_NAME)
         write_lesions_csv(staging / LESIONS_NAME, result.lesions)
+        if result.stage2 is not None:
+            write_candidates_csv(staging / CANDIDATES_NAME, result.stage2)
         (staging / BURDEN_NAME).write_text(json.dumps(result_record(result, inputs), indent=2, default=_json_default), encoding="utf-8")
     logger.info("Wrote %s", out_dir)
     return out_dir

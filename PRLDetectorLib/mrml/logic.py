@@ -386,9 +386,14 @@ class SceneLogic:
                 continue
             row = {**dataclasses.replace(lesion, lesion_id=segment.lesion_id).as_row(), bridge.STATUS_COLUMN: segment.status}
             old = previous.get(segment.lesion_id)
-            if probability is None and old is not None and _same_voxels(old, row):
-                # Without the probability map an untouched lesion keeps the value detection measured.
-                row["probability_mean"] = old.get("probability_mean", math.nan)
+            if old is not None and _same_voxels(old, row):
+                # The classifier judged this outline: an untouched lesion keeps its PRL probability (an edited
+                # one is the reader's call now, and its status says what they decided).
+                for column in ("prl_probability", "prl_uncertainty"):
+                    row[column] = old.get(column, math.nan)
+                if probability is None:
+                    # Without the probability map an untouched lesion keeps the value detection measured.
+                    row["probability_mean"] = old.get("probability_mean", math.nan)
             rows.append(row)
 
         if table_node is None:

@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 
 from PRLDetectorLib.phantom.anatomy import CSF, GM, NUCLEUS_LABELS, VEIN, VENTRICLE, WM
 
-PRL, RIMLESS, MICROBLEED = "prl", "rimless", "microbleed"
+PRL, RIMLESS, MICROBLEED, CALCIFICATION = "prl", "rimless", "microbleed", "calcification"
 GAP_VOXELS = 2
 """Lesions keep this many voxels apart, so 26-connected components never merge two of them."""
 VEIN_CLEARANCE_VOXELS = 4
@@ -194,8 +194,13 @@ def _claim(scene: Scene, lesion: Lesion) -> None:
 
 
 def place_ms_lesion(scene: Scene, rng: np.random.Generator, lesion_id: int, cls: str, wm_voxels: np.ndarray,
-                    vent_voxels: np.ndarray, max_tries: int = 300) -> Lesion | None:
-    """Draw a PRL or a rimless lesion, find room for it in white matter, and paint it; None if no room."""
+                    vent_voxels: np.ndarray, max_tries: int = 300, partial_rim_rng: np.random.Generator | None = None,
+                    ) -> Lesion | None:
+    """Draw a PRL or a rimless lesion, find room for it in white matter, and paint it; None if no room.
+
+    With ``partial_rim_rng`` (the varied-acquisition phantoms), about a third of the non-PRL lesions get a rim
+    as bright and thick as a PRL's over only 15-55 % of their edge: the partial rims a reader must not call.
+    """
     if cls == PRL:
         diameter = rng.uniform(5.0, 14.0)
         core = rng.uniform(0.0, 0.02)
@@ -213,6 +218,10 @@ def place_ms_lesion(scene: Scene, rng: np.random.Generator, lesion_id: int, cls:
         rim = rng.uniform(0.02, 0.05) if faint_rim else 0.0
         coverage = rng.uniform(0.1, 0.3) if faint_rim else 0.0
         thickness = rng.uniform(1.0, 1.5) if faint_rim else 0.0
+        if partial_rim_rng is not None and partial_rim_rng.random() < 0.35:
+            rim = partial_rim_rng.triangular(0.06, 0.10, 0.15)
+            coverage = partial_rim_rng.uniform(0.15, 0.55)
+            thickness = partial_rim_rng.uniform(1.0, 2.0)
     shape = _Shape.draw(rng, diameter, irregularity=rng.uniform(0.08, 0.22))
     half = float(shape.semi_axes.max()) * 1.25 + 1.0
     for _ in range(max_tries):
@@ -250,11 +259,14 @@ def place_ms_lesion(scene: Scene, rng: np.random.Generator, lesion_id: int, cls:
 
 
 def place_microbleed(scene: Scene, rng: np.random.Generator, lesion_id: int, candidates: np.ndarray,
-                     max_tries: int = 200) -> Lesion | None:
-    """A 2-5 mm hemosiderin deposit at +0.4-1.0 ppm with a halo that blooms beyond its ground truth."""
-    diameter = rng.uniform(2.0, 5.0)
+                     max_tries: int = 200, cls: str = MICROBLEED) -> Lesion | None:
+    """A 2-5 mm hemosiderin deposit at +0.4-1.0 ppm with a halo that blooms beyond its ground truth.
+
+    ``cls=CALCIFICATION`` draws a diamagnetic calcification instead: 2-6 mm at -0.1 to -0.4 ppm.
+    """
+    diameter = rng.uniform(2.0, 5.0) if cls == MICROBLEED else rng.uniform(2.0, 6.0)
     radius = diameter / 2
-    peak = rng.uniform(0.4, 1.0)
+    peak = rng.uniform(0.4, 1.0) if cls == MICROBLEED else -rng.uniform(0.1, 0.4)
     for _ in range(max_tries):
         centre = np.array(np.unravel_index(rng.choice(candidates), scene.chi.shape), float)
         centre += rng.uniform(-0.5, 0.5, 3)
@@ -277,7 +289,7 @@ def place_microbleed(scene: Scene, rng: np.random.Generator, lesion_id: int, can
     occupancy = np.clip((radius - distance) / mean_spacing + 0.5, 0.0, 1.0)
     halo = 0.2 * np.exp(-((distance / (radius + 1.5)) ** 2))
     scene.chi[box] += peak * np.maximum(occupancy, halo)
-    lesion = Lesion(lesion_id, MICROBLEED, box, mask, float(diameter), core_ppm=float(peak))
+    lesion = Lesion(lesion_id, cls, box, mask, float(diameter), core_ppm=float(peak))
     _claim(scene, lesion)
     return lesion
 
@@ -384,7 +396,8 @@ def _surface_point(walker: _Walker, centre_mm: np.ndarray, direction: np.ndarray
     return None
 
 
-def _render_tube(scene: Scene, points: np.ndarray, diameter_mm: float, chi_ppm: float) -> None:
+def _render_tube(scene: Scene, points: np.ndarray, diameter_mm: float, chi_ppm: float,
+                 respect_lesions: bool = True) -> None:
     # Resample the curve densely so the distance to the polyline is well approximated by the nearest point.
     seg = np.linalg.norm(np.diff(points, axis=0), axis=1)
     arclength = np.concatenate([[0.0], np.cumsum(seg)])
@@ -400,11 +413,44 @@ def _render_tube(scene: Scene, points: np.ndarray, diameter_mm: float, chi_ppm: 
     voxels = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
     distance, _ = cKDTree(dense).query(voxels, distance_upper_bound=reach)
     weight = np.clip((radius - distance) / mean_spacing + 0.5, 0.0, 1.0).reshape(hi - lo)
-    weight[scene.near_lesion[box]] = 0.0  # veins never come close to a lesion
+    if respect_lesions:
+        weight[scene.near_lesion[box]] = 0.0  # veins never come close to a lesion
     chi_box = scene.chi[box]
     scene.chi[box] = chi_box * (1 - weight) + chi_ppm * weight
     labels_box = scene.labels[box]
     labels_box[(weight >= 0.5) & (labels_box != 0)] = VEIN
+
+
+def paint_lesion_veins(scene: Scene, rng: np.random.Generator, lesions: list[Lesion], share: float) -> int:
+    """Veins that run through or past MS lesions (the central vein sign, or a vein grazing the edge).
+
+    A vein crossing a rimless lesion is bright at two points of its edge, the look-alike of a partial rim.
+    Returns how many were drawn.
+    """
+    drawn = 0
+    for lesion in lesions:
+        if lesion.cls not in (PRL, RIMLESS) or rng.random() >= share:
+            continue
+        inside = np.argwhere(lesion.mask)
+        centre = (inside.mean(axis=0) + np.array([b.start for b in lesion.box])) * scene.spacing
+        radius = lesion.nominal_diameter_mm / 2
+        direction = random_unit(rng)[0]
+        # Through the centre (central vein) or offset to pass the edge.
+        offset = np.cross(direction, random_unit(rng)[0])
+        offset /= max(float(np.linalg.norm(offset)), 1e-6)
+        offset *= 0.0 if rng.random() < 0.5 else rng.uniform(0.6, 1.3) * radius
+        length = rng.uniform(15.0, 30.0)
+        t = np.linspace(-length / 2, length / 2, 60)[:, None]
+        bend = random_unit(rng)[0] * rng.uniform(0.0, 0.02)
+        points = centre + offset + t * direction + (t**2) * bend
+        lo = np.zeros(3)
+        hi = (np.array(scene.chi.shape) - 1) * scene.spacing
+        points = points[np.all((points >= lo) & (points <= hi), axis=1)]
+        if len(points) < 16:
+            continue
+        _render_tube(scene, points, rng.uniform(0.8, 1.5), rng.uniform(0.2, 0.4), respect_lesions=False)
+        drawn += 1
+    return drawn
 
 
 def paint_veins(scene: Scene, rng: np.random.Generator, n_veins: int, brain_centre_index: np.ndarray) -> int:

@@ -43,11 +43,13 @@ from PRLDetectorLib.phantom.anatomy import (
     warp,
 )
 from PRLDetectorLib.phantom.lesions import (
+    CALCIFICATION,
     MICROBLEED,
     PRL,
     RIMLESS,
     Lesion,
     Scene,
+    paint_lesion_veins,
     paint_veins,
     place_microbleed,
     place_ms_lesion,
@@ -61,11 +63,48 @@ WHOLE_BRAIN_EXTENT_MM = (182.0, 218.0, 182.0)
 """x, y, z: the classic MNI 1 mm box, large enough for the biggest head the random scaling makes."""
 VARY_GRID_SPACINGS = ((1.0, 1.0, 1.0), (0.9, 0.9, 1.1), (1.1, 1.1, 1.1), (1.0, 1.0, 1.2))
 FLAIR_SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (0.9, 0.9, 1.2), (1.1, 1.1, 1.1), (1.0, 1.0, 1.1))
+RECONSTRUCTIONS = ("tkd", "tikhonov", "l2grad")
+"""QSM inversions a varied phantom draws from: thresholded k-space division, Tikhonov-regularised division
+and closed-form gradient-regularised (L2) inversion; each blurs, streaks and underestimates differently."""
+VARIED_SPACINGS = ((1.0, 1.0, 1.0), (0.9, 0.9, 1.1), (0.75, 0.75, 0.75), (1.1, 1.1, 1.1), (0.6, 0.6, 1.2),
+                   (0.5, 0.5, 2.0), (0.8, 0.8, 1.6))
+"""QSM grids of varied phantoms: isotropic, near-isotropic and the anisotropic grids of 2D-like protocols."""
+THICK_FLAIR_SPACINGS = ((0.9, 0.9, 3.0), (0.9, 0.9, 4.0), (0.7, 0.7, 5.0), (1.0, 1.0, 3.0))
+"""2D multi-slice FLAIR: thick slices, whose slice axis may be axial, coronal or sagittal."""
 MAX_PRL = 20
 MIN_EXTENT_MM = 32.0
 DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 """Grids are stored like the template and most scanners' NIfTI: a diagonal RAS affine."""
 FLAIR_SCALE = 1000.0
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """How a varied phantom's QSM (and FLAIR) were acquired and reconstructed; recorded in truth.json."""
+
+    recon: str = "tkd"
+    """One of :data:`RECONSTRUCTIONS`."""
+    regularisation: float = 0.175
+    """TKD threshold, Tikhonov lambda or gradient-regularisation lambda, by ``recon``."""
+    b0_zyx: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    """Unit B0 direction in array (z, y, x) order: tilted away from the slice axis on an oblique slab."""
+    noise_ppm: tuple[float, float] = (0.0008, 0.002)
+    residual_ppm: tuple[float, float] = (0.002, 0.006)
+    flair_thick: bool = False
+    """FLAIR is 2D multi-slice (thick slices in a random orientation) rather than 3D."""
+
+
+def draw_acquisition(rng: np.random.Generator, recons: tuple[str, ...] = RECONSTRUCTIONS) -> Acquisition:
+    """A random site and protocol: reconstruction, its strength, B0 tilt (0-25 degrees), noise, FLAIR kind."""
+    recon = str(recons[rng.integers(len(recons))])
+    strength = {"tkd": (0.1, 0.25), "tikhonov": (0.003, 0.02), "l2grad": (0.002, 0.01)}[recon]
+    tilt = np.deg2rad(rng.uniform(0.0, 25.0))
+    azimuth = rng.uniform(0.0, 2 * np.pi)
+    b0 = (float(np.cos(tilt)), float(np.sin(tilt) * np.sin(azimuth)), float(np.sin(tilt) * np.cos(azimuth)))
+    noise_hi = rng.uniform(0.0015, 0.004)
+    residual_hi = rng.uniform(0.004, 0.012)
+    return Acquisition(recon, float(rng.uniform(*strength)), b0, (noise_hi / 2, noise_hi),
+                       (residual_hi / 3, residual_hi), bool(rng.random() < 0.5))
 
 
 @dataclass
@@ -155,14 +194,20 @@ def _smooth_noise(shape: tuple[int, ...], spacing_zyx: np.ndarray, rng: np.rando
 # --- QSM physics ---------------------------------------------------------------------------------------
 
 
-def _dipole_kernel(shape: tuple[int, ...], spacing_zyx: np.ndarray) -> np.ndarray:
-    """Unit dipole kernel D = 1/3 - kz^2/k^2 in rfft layout, B0 along the scanner z (array axis 0)."""
+def _dipole_kernel(shape: tuple[int, ...], spacing_zyx: np.ndarray,
+                   b0_zyx: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> np.ndarray:
+    """Unit dipole kernel D = 1/3 - (k.b)^2/k^2 in rfft layout; B0 along ``b0_zyx`` (default array axis 0)."""
     kz = sfft.fftfreq(shape[0], spacing_zyx[0]).astype(np.float32)[:, None, None]
     ky = sfft.fftfreq(shape[1], spacing_zyx[1]).astype(np.float32)[None, :, None]
     kx = sfft.rfftfreq(shape[2], spacing_zyx[2]).astype(np.float32)[None, None, :]
     k2 = kz**2 + ky**2 + kx**2
     k2[0, 0, 0] = 1.0
-    kernel = np.float32(1 / 3) - kz**2 / k2
+    if tuple(b0_zyx) == (1.0, 0.0, 0.0):
+        kb = kz
+    else:
+        bz, by, bx = (np.float32(v) for v in b0_zyx)
+        kb = kz * bz + ky * by + kx * bx
+    kernel = np.float32(1 / 3) - kb**2 / k2
     # The mean is undetermined by the physics; passing it through keeps the CSF reference at zero.
     kernel[0, 0, 0] = 1 / 3
     return kernel
@@ -185,8 +230,29 @@ def _convolve(volume: np.ndarray, kernel: np.ndarray, padded: tuple[int, ...]) -
     return out[: volume.shape[0], : volume.shape[1], : volume.shape[2]]
 
 
+def _inverse_kernel(kernel: np.ndarray, padded: tuple[int, ...], spacing_zyx: np.ndarray,
+                    acquisition: Acquisition) -> np.ndarray:
+    """The k-space inversion of the dipole kernel a reconstruction method applies."""
+    if acquisition.recon == "tkd":
+        threshold = np.float32(acquisition.regularisation)
+        inverse = np.where(kernel >= 0, np.float32(1.0) / threshold, np.float32(-1.0) / threshold)
+        strong = np.abs(kernel) > threshold
+        inverse[strong] = 1.0 / kernel[strong]
+        return inverse
+    if acquisition.recon == "tikhonov":
+        return kernel / (kernel**2 + np.float32(acquisition.regularisation))
+    # Closed-form L2 with a gradient penalty: lambda |2 pi k|^2 smooths fine detail, not the mean.
+    kz = sfft.fftfreq(padded[0], spacing_zyx[0]).astype(np.float32)[:, None, None]
+    ky = sfft.fftfreq(padded[1], spacing_zyx[1]).astype(np.float32)[None, :, None]
+    kx = sfft.rfftfreq(padded[2], spacing_zyx[2]).astype(np.float32)[None, None, :]
+    gradient2 = np.float32(4 * np.pi**2) * (kz**2 + ky**2 + kx**2)
+    inverse = kernel / (kernel**2 + np.float32(acquisition.regularisation) * gradient2)
+    inverse[0, 0, 0] = 1.0 / kernel[0, 0, 0]
+    return inverse
+
+
 def simulate_qsm(chi: np.ndarray, mask: np.ndarray, spacing_zyx: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+                 rng: np.random.Generator, acquisition: Acquisition | None = None) -> tuple[np.ndarray, dict]:
     """QSM as a scanner pipeline makes it: forward field, noise in the brain, TKD inversion, brain mask.
 
     The field is zero-padded before the FFT so the periodic convolution does not wrap; the local field is
@@ -195,7 +261,7 @@ def simulate_qsm(chi: np.ndarray, mask: np.ndarray, spacing_zyx: np.ndarray,
     that is what underestimates and streaks strong sources, as clinical QSM does.
     """
     padded = tuple(sfft.next_fast_len(n + 2 * max(16, n // 8), real=True) for n in chi.shape)
-    kernel = _dipole_kernel(padded, spacing_zyx)
+    kernel = _dipole_kernel(padded, spacing_zyx, acquisition.b0_zyx if acquisition else (1.0, 0.0, 0.0))
     # The acquisition does not resolve the voxel grid perfectly: a Gaussian point-spread function blurs the
     # field a little (sharp one-voxel rims would otherwise be crisper than any scanner makes them).
     psf_sigma_mm = rng.uniform(0.3, 0.5)
@@ -203,7 +269,7 @@ def simulate_qsm(chi: np.ndarray, mask: np.ndarray, spacing_zyx: np.ndarray,
     field_ppm = _convolve(chi.astype(np.float32), blurred_kernel, padded)
     del blurred_kernel
 
-    noise_sd = rng.uniform(0.0008, 0.002)
+    noise_sd = rng.uniform(*(acquisition.noise_ppm if acquisition else (0.0008, 0.002)))
     # Array coils see the periphery better than the centre: the noise rises towards the middle of the brain.
     zyx = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in chi.shape]
     radius2 = zyx[0][:, None, None] ** 2 + zyx[1][None, :, None] ** 2 + zyx[2][None, None, :] ** 2
@@ -211,18 +277,25 @@ def simulate_qsm(chi: np.ndarray, mask: np.ndarray, spacing_zyx: np.ndarray,
     # Background field removal is never perfect: a smooth, low-order residual stays in the local field.
     axes = (zyx[0][:, None, None], zyx[1][None, :, None], zyx[2][None, None, :])
     coefficients = rng.normal(0.0, 1.0, 6)
-    residual_ppm = rng.uniform(0.002, 0.006)
+    residual_ppm = rng.uniform(*(acquisition.residual_ppm if acquisition else (0.002, 0.006)))
     coefficients *= residual_ppm / max(float(np.abs(coefficients).sum()), 1e-6)
     terms = (*axes, *(a**2 for a in axes))
     residual = sum(np.float32(c) * term for c, term in zip(coefficients, terms, strict=True))
     local = (field_ppm + noise + residual) * mask
 
-    threshold = rng.uniform(0.15, 0.2)
-    inverse = np.where(kernel >= 0, np.float32(1.0 / threshold), np.float32(-1.0 / threshold))
-    strong = np.abs(kernel) > threshold
-    inverse[strong] = 1.0 / kernel[strong]
+    if acquisition is None:
+        threshold = rng.uniform(0.15, 0.2)
+        inverse = np.where(kernel >= 0, np.float32(1.0 / threshold), np.float32(-1.0 / threshold))
+        strong = np.abs(kernel) > threshold
+        inverse[strong] = 1.0 / kernel[strong]
+        recon = {"tkd_threshold": round(float(threshold), 4)}
+    else:
+        inverse = _inverse_kernel(kernel, padded, spacing_zyx, acquisition)
+        recon = {"reconstruction": acquisition.recon, "regularisation": round(acquisition.regularisation, 5),
+                 "b0_zyx": [round(v, 4) for v in acquisition.b0_zyx],
+                 "b0_tilt_deg": round(float(np.rad2deg(np.arccos(min(1.0, abs(acquisition.b0_zyx[0]))))), 2)}
     qsm = _convolve(local, inverse, padded) * mask
-    params = {"tkd_threshold": round(float(threshold), 4), "psf_sigma_mm": round(float(psf_sigma_mm), 3),
+    params = {**recon, "psf_sigma_mm": round(float(psf_sigma_mm), 3),
               "field_noise_ppm": round(float(noise_sd), 5),
               "residual_background_ppm": round(float(residual_ppm), 5)}
     return qsm.astype(np.float32), params
@@ -296,11 +369,21 @@ def _lesion_flair(grid: sitk.Image, flair_grid: sitk.Image, motion: sitk.Transfo
 
 
 def simulate_flair(grid: sitk.Image, transform: sitk.Transform, lesions: list[Lesion],
-                   rng: np.random.Generator) -> tuple[sitk.Image, dict]:
-    """FLAIR on its own grid: a different voxel size and extent, and the head moved a little."""
+                   rng: np.random.Generator, thick_rng: np.random.Generator | None = None,
+                   ) -> tuple[sitk.Image, dict]:
+    """FLAIR on its own grid: a different voxel size and extent, and the head moved a little.
+
+    With ``thick_rng`` it is a 2D multi-slice FLAIR: 3-5 mm slices, axial, coronal or sagittal.
+    """
     qsm_spacing = tuple(grid.GetSpacing())
     choices = [s for s in FLAIR_SPACINGS if not np.allclose(s, qsm_spacing)]
     spacing = choices[rng.integers(len(choices))]
+    if thick_rng is not None:
+        in_plane_x, in_plane_y, thick = THICK_FLAIR_SPACINGS[thick_rng.integers(len(THICK_FLAIR_SPACINGS))]
+        slice_axis = int(thick_rng.integers(3))
+        spacing = [in_plane_x, in_plane_y, in_plane_x]
+        spacing[slice_axis] = thick
+        spacing = tuple(spacing)
     # Grow the QSM box by a random margin on every side, so the two boxes overlap without coinciding.
     lower = np.array(grid.TransformIndexToPhysicalPoint((0, 0, 0)))
     upper = np.array(grid.TransformIndexToPhysicalPoint([n - 1 for n in grid.GetSize()]))
@@ -368,11 +451,13 @@ def _normalised(weights: list[float]) -> np.ndarray:
     return w / w.sum()
 
 
-def _paint_lesions(scene: Scene, counts: _Counts, rng: np.random.Generator, forced_prl: bool) -> list[Lesion]:
+def _paint_lesions(scene: Scene, counts: _Counts, rng: np.random.Generator, forced_prl: bool,
+                   extra_rng: np.random.Generator | None = None) -> list[Lesion]:
     flat = scene.labels.ravel()
     wm_voxels = np.flatnonzero(flat == WM)
     vent_voxels = np.flatnonzero(flat == VENTRICLE)
-    total = counts.prl + counts.rimless + counts.microbleeds
+    calcifications = int(extra_rng.integers(0, 4)) if extra_rng is not None else 0
+    total = counts.prl + counts.rimless + counts.microbleeds + calcifications
     # Ids are shuffled so that an instance id says nothing about the class.
     ids = iter(rng.permutation(np.arange(1, total + 1)))
     lesions: list[Lesion] = []
@@ -386,7 +471,8 @@ def _paint_lesions(scene: Scene, counts: _Counts, rng: np.random.Generator, forc
             lesion_id = int(next(ids))
             # A forced PRL gets a few differently sized draws before the field of view counts as full.
             for _attempt in range(3 if cls == PRL and forced_prl else 1):
-                lesion = place_ms_lesion(scene, rng, lesion_id, cls, wm_voxels, vent_voxels)
+                lesion = place_ms_lesion(scene, rng, lesion_id, cls, wm_voxels, vent_voxels,
+                                         partial_rim_rng=extra_rng)
                 if lesion is not None:
                     break
             if lesion is None:
@@ -405,6 +491,13 @@ def _paint_lesions(scene: Scene, counts: _Counts, rng: np.random.Generator, forc
         lesion = place_microbleed(scene, rng, int(next(ids)), bleed_voxels)
         if lesion is not None:
             lesions.append(lesion)
+    if calcifications:
+        # Calcified deep grey nuclei and parenchymal calcifications: diamagnetic, dark on QSM.
+        calc_voxels = np.flatnonzero((flat == WM) | (flat == GM))
+        for _ in range(calcifications):
+            lesion = place_microbleed(scene, extra_rng, int(next(ids)), calc_voxels, cls=CALCIFICATION)
+            if lesion is not None:
+                lesions.append(lesion)
     # Lesions that found no room leave gaps in the shuffled ids: renumber 1..n, keeping the shuffled order.
     lookup = np.zeros(total + 1, np.uint16)
     for new_id, lesion in enumerate(sorted(lesions, key=lambda lesion: lesion.id), start=1):
@@ -439,13 +532,19 @@ def _lesion_truth(lesion: Lesion, grid: sitk.Image) -> dict:
 
 
 def generate_case(case_id: str, seed: int, with_flair: bool = False, spacing_mm: float | tuple = 1.0,
-                  extent_mm: float | tuple | None = None, n_prl: int | None = None) -> PhantomCase:
+                  extent_mm: float | tuple | None = None, n_prl: int | None = None,
+                  acquisition: Acquisition | None = None) -> PhantomCase:
     """Simulate one patient.
 
     ``spacing_mm`` and ``extent_mm`` are one value or (x, y, z). Without ``extent_mm`` the grid covers the
     whole brain (182 x 218 x 182 mm); with it, a box of that size around the periventricular white matter,
     and every lesion lies inside. ``n_prl`` forces the number of PRLs; otherwise it is drawn (0 in about a
     fifth of patients).
+
+    ``acquisition`` (see :func:`draw_acquisition`) makes a varied phantom: its QSM reconstruction, B0
+    direction, noise and FLAIR kind, plus the look-alikes readers must reject: partial rims as bright as a
+    PRL's, veins through or beside lesions, and diamagnetic calcifications. Without it the case is exactly
+    what earlier versions made from the seed.
     """
     _check_case_id(case_id)
     spacing = _triplet(spacing_mm, "spacing_mm", 0.3, 3.0)
@@ -475,15 +574,19 @@ def generate_case(case_id: str, seed: int, with_flair: bool = False, spacing_mm:
     if n_prl is not None:
         counts.prl = int(n_prl)
     scene = Scene.create(chi, labels, spacing_zyx, tissue.chi_wm)
-    lesions = _paint_lesions(scene, counts, rng_lesions, forced_prl=n_prl is not None)
+    # Varied phantoms draw their extras from streams of their own, leaving the classic streams untouched.
+    rng_extra = np.random.default_rng(np.random.SeedSequence([int(seed), 7])) if acquisition else None
+    lesions = _paint_lesions(scene, counts, rng_lesions, forced_prl=n_prl is not None, extra_rng=rng_extra)
     centre_index = np.array(grid.TransformPhysicalPointToContinuousIndex(tuple(BRAIN_CENTRE_LPS)))[::-1]
     n_veins = paint_veins(scene, rng_veins, counts.veins, centre_index)
+    if rng_extra is not None:
+        n_veins += paint_lesion_veins(scene, rng_extra, lesions, share=0.3)
 
     # Tissue is not uniform: a faint smooth texture (fibre orientation, myelin, iron) in the parenchyma.
     parenchyma = (labels != 0) & (labels != CSF) & (labels != VENTRICLE)
     texture = _smooth_noise(chi.shape, spacing_zyx, rng_anatomy, 4.0)
     chi += texture * np.float32(rng_anatomy.uniform(0.003, 0.007)) * parenchyma
-    qsm, qsm_info = simulate_qsm(chi, mask, spacing_zyx, rng_qsm)
+    qsm, qsm_info = simulate_qsm(chi, mask, spacing_zyx, rng_qsm, acquisition)
 
     instances = scene.instances
     gt_prl = np.zeros(instances.shape, np.uint8)
@@ -492,7 +595,8 @@ def generate_case(case_id: str, seed: int, with_flair: bool = False, spacing_mm:
             gt_prl[lesion.box][lesion.mask] = 1
     flair, flair_info = (None, None)
     if with_flair:
-        flair, flair_info = simulate_flair(grid, transform, lesions, rng_flair)
+        thick_rng = rng_extra if acquisition is not None and acquisition.flair_thick else None
+        flair, flair_info = simulate_flair(grid, transform, lesions, rng_flair, thick_rng)
 
     truth = {
         "case_id": case_id,
@@ -503,6 +607,7 @@ def generate_case(case_id: str, seed: int, with_flair: bool = False, spacing_mm:
         "prl_count": sum(lesion.cls == PRL for lesion in lesions),
         "rimless_count": sum(lesion.cls == RIMLESS for lesion in lesions),
         "microbleed_count": sum(lesion.cls == MICROBLEED for lesion in lesions),
+        **({"calcification_count": sum(lesion.cls == CALCIFICATION for lesion in lesions)} if acquisition else {}),
         "lesions": [_lesion_truth(lesion, grid) for lesion in lesions],
         "veins": n_veins,
         "tissue_ppm": {"wm": round(tissue.chi_wm, 4), "gm": round(tissue.chi_gm, 4), "csf": 0.0,
@@ -549,12 +654,24 @@ def case_seed(seed: int, index: int) -> int:
 
 def generate_cohort(out_dir: Path, n: int, seed: int, with_flair: bool = False,
                     spacing_mm: float | tuple = 1.0, extent_mm: float | tuple | None = None,
-                    vary_grid: bool = False, progress: bool = True) -> list[Path]:
+                    vary_grid: bool = False, progress: bool = True, vary_acquisition: bool = False,
+                    recons: tuple[str, ...] = RECONSTRUCTIONS, negative_share: float | None = None,
+                    ) -> list[Path]:
     """Generate and write ``n`` cases ``case_000``... into ``out_dir``; refuse if any case folder exists.
 
     With ``vary_grid`` each case draws its voxel size from a few realistic acquisition grids (recorded in
     its truth.json), which gives a model trained on the cohort some variety of resolution.
+
+    With ``vary_acquisition`` each case also draws its acquisition (:func:`draw_acquisition`, from the
+    reconstructions ``recons``) and its grid from :data:`VARIED_SPACINGS`, anisotropic ones included.
+    ``negative_share`` makes that share of the cases (every k-th) PRL-negative, the rest draw their count.
     """
+    unknown = [r for r in recons if r not in RECONSTRUCTIONS]
+    if unknown or not recons:
+        raise InputError(f"Reconstruction {', '.join(unknown) or '(none)'} is unknown; "
+                         f"use some of {', '.join(RECONSTRUCTIONS)}.")
+    if negative_share is not None and not 0.0 <= negative_share <= 1.0:
+        raise InputError(f"PRL-negative share {negative_share} is outside [0, 1]; use e.g. 0.25.")
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"Cohort size {n!r} is not a positive whole number.")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -573,8 +690,19 @@ def generate_cohort(out_dir: Path, n: int, seed: int, with_flair: bool = False,
         if vary_grid:
             rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 1]))
             spacing = VARY_GRID_SPACINGS[rng.integers(len(VARY_GRID_SPACINGS))]
+        acquisition = None
+        if vary_acquisition:
+            rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 2]))
+            spacing = VARIED_SPACINGS[rng.integers(len(VARIED_SPACINGS))]
+            acquisition = draw_acquisition(rng, tuple(recons))
+        n_prl = None
+        if negative_share:
+            # Every k-th case is PRL-negative: exactly round(n * share) of them, spread over the cohort.
+            n_negative = int(round(n * negative_share))
+            if n_negative and index * n_negative // n != (index + 1) * n_negative // n:
+                n_prl = 0
         case = generate_case(case_ids[index], case_seed(seed, index), with_flair=with_flair,
-                             spacing_mm=spacing, extent_mm=extent_mm)
+                             spacing_mm=spacing, extent_mm=extent_mm, n_prl=n_prl, acquisition=acquisition)
         folders.append(write_case(case, out_dir))
         logger.info("Wrote %s: %d PRLs, %d other lesions and mimics", folders[-1], case.truth["prl_count"],
                     len(case.truth["lesions"]) - case.truth["prl_count"])

@@ -282,3 +282,56 @@ def test_default_case_covers_the_whole_brain_at_1_mm():
     # The brain fits in the box: no tissue on the outer faces of the grid.
     faces = [tissue[0], tissue[-1], tissue[:, 0], tissue[:, -1], tissue[:, :, 0], tissue[:, :, -1]]
     assert sum(int(np.count_nonzero(face)) for face in faces) < 200
+
+
+# --- varied acquisitions (site and protocol variety for training and held-out testing) -----------------
+
+def _varied(recon: str, seed: int = 11, **changes):
+    from PRLDetectorLib.phantom.phantom import Acquisition
+
+    acquisition = Acquisition(recon=recon, **changes)
+    return generate_case("case_000", seed, extent_mm=EXTENT_MM, n_prl=3, acquisition=acquisition)
+
+
+def test_reconstruction_methods_give_different_maps_of_the_same_patient():
+    tkd, tikhonov, l2 = (_varied(r, regularisation=v) for r, v in
+                         (("tkd", 0.15), ("tikhonov", 0.01), ("l2grad", 0.005)))
+    maps = [sitk.GetArrayFromImage(c.qsm) for c in (tkd, tikhonov, l2)]
+    # Same anatomy and lesions (the ground truth is identical) ...
+    assert np.array_equal(sitk.GetArrayFromImage(tkd.gt_instances), sitk.GetArrayFromImage(l2.gt_instances))
+    # ... but each inversion leaves its own blur and underestimation in the map.
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert np.abs(maps[a] - maps[b]).mean() > 1e-3
+    # Gradient regularisation smooths: less voxel-to-voxel variation than TKD inside the brain.
+    brain = maps[0] != 0
+    roughness = [np.abs(np.diff(m, axis=2))[brain[:, :, 1:]].mean() for m in maps]
+    assert roughness[2] < roughness[0]
+    assert [c.truth["qsm"]["reconstruction"] for c in (tkd, tikhonov, l2)] == ["tkd", "tikhonov", "l2grad"]
+
+
+def test_an_oblique_b0_changes_the_map_and_is_recorded():
+    straight = _varied("tkd")
+    tilted = _varied("tkd", b0_zyx=(float(np.cos(0.35)), 0.0, float(np.sin(0.35))))
+    assert tilted.truth["qsm"]["b0_tilt_deg"] == pytest.approx(20.05, abs=0.1)
+    difference = sitk.GetArrayFromImage(straight.qsm) - sitk.GetArrayFromImage(tilted.qsm)
+    assert np.abs(difference).max() > 0.01
+
+
+def test_varied_cohort_draws_reconstructions_from_the_given_set_and_forces_the_negative_share(tmp_path):
+    folders = generate_cohort(tmp_path, n=8, seed=3, extent_mm=EXTENT_MM, vary_acquisition=True,
+                              recons=("tikhonov", "l2grad"), negative_share=0.25, progress=False)
+    truths = [json.loads((f / "truth.json").read_text()) for f in folders]
+    assert {t["qsm"]["reconstruction"] for t in truths} <= {"tikhonov", "l2grad"}
+    # Every 4th case is forced PRL-negative (the others may draw 0 as well).
+    assert all(truths[i]["prl_count"] == 0 for i in (0, 4)) or all(truths[i]["prl_count"] == 0 for i in (3, 7))
+    classes = {lesion["class"] for t in truths for lesion in t["lesions"]}
+    assert "calcification" in classes
+    # Partial rims as bright as a PRL's, over less than 2/3 of the edge: the look-alikes a reader rejects.
+    partial = [lesion for t in truths for lesion in t["lesions"]
+               if lesion["class"] == "rimless" and lesion["rim_ppm"] >= 0.06]
+    assert partial and all(lesion["rim_coverage"] < 0.67 for lesion in partial)
+
+
+def test_an_unknown_reconstruction_is_refused_with_its_name(tmp_path):
+    with pytest.raises(InputError, match="Reconstruction qsmnet is unknown"):
+        generate_cohort(tmp_path, n=1, seed=1, vary_acquisition=True, recons=("qsmnet",), progress=False)

@@ -1,0 +1,124 @@
+"""Stage 2: a calibrated PRL probability and an uncertainty for each candidate lesion.
+
+An ensemble of gradient-boosted tree models (LightGBM), one per patient fold of its training set, as ALPaCA
+averages its cross-validation models: the probability is the mean of the members' probabilities after
+isotonic calibration on out-of-fold predictions, the uncertainty their spread (standard deviation).
+
+A classifier folder holds ``classifier.json`` (the card: feature names, calibration, operating points with
+the figures they gave on validation data, training data) and one LightGBM text model per member. Loading
+parses text only: no pickle, so a classifier cannot run code. It sits in ``<model folder>/classifier/``, so
+it ships, installs and loads with its nnU-Net model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from PRLDetectorLib.detection.candidates import FEATURE_NAMES
+from PRLDetectorLib.errors import InputError
+from PRLDetectorLib.settings import NO_CLASSIFIER, OPERATING_POINTS
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_DIR = "classifier"
+"""The classifier's folder inside a model folder."""
+CARD_NAME = "classifier.json"
+__all__ = ["CLASSIFIER_DIR", "NO_CLASSIFIER", "OPERATING_POINTS", "LesionClassifier", "load_classifier",
+           "model_classifier"]
+
+
+@dataclass
+class LesionClassifier:
+    feature_names: tuple[str, ...]
+    members: list
+    """lightgbm.Booster objects."""
+    calibration_x: np.ndarray
+    calibration_y: np.ndarray
+    operating_points: dict[str, float]
+    card: dict = field(default_factory=dict)
+
+    @property
+    def candidate_threshold(self) -> float:
+        """Stage 1's probability cut-off for candidates, as in training (the classifier knows no others)."""
+        return float(self.card.get("candidate_threshold", 0.2))
+
+    @property
+    def candidate_min_mm3(self) -> float:
+        return float(self.card.get("candidate_min_mm3", 5.0))
+
+    @property
+    def flair_candidates(self) -> bool:
+        return bool(self.card.get("flair_candidates", False))
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probability, uncertainty) per row of ``features`` (columns in :attr:`feature_names` order)."""
+        features = np.asarray(features, np.float64)
+        if features.ndim != 2 or features.shape[1] != len(self.feature_names):
+            raise InputError(
+                f"The classifier expects {len(self.feature_names)} features per candidate but got "
+                f"{features.shape[-1] if features.ndim else 0}; use a classifier trained by this version.")
+        if len(features) == 0:
+            return np.zeros(0), np.zeros(0)
+        raw = np.stack([member.predict(features) for member in self.members])
+        calibrated = np.interp(raw, self.calibration_x, self.calibration_y)
+        return calibrated.mean(axis=0), calibrated.std(axis=0)
+
+    def cutoff(self, point: str) -> float:
+        """The probability at or above which a candidate is called a PRL at operating point ``point``."""
+        if point not in self.operating_points:
+            raise InputError(f"Operating point '{point}' is unknown; use one of "
+                             f"{', '.join((*self.operating_points, NO_CLASSIFIER))}.")
+        return float(self.operating_points[point])
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the card and the members into ``folder`` (created; its parent must exist)."""
+        folder = Path(folder)
+        folder.mkdir(exist_ok=True)
+        names = []
+        for k, member in enumerate(self.members):
+            name = f"member_{k}.txt"
+            (folder / name).write_text(member.model_to_string(), encoding="utf-8")
+            names.append(name)
+        card = {**self.card, "feature_names": list(self.feature_names), "members": names,
+                "calibration": {"x": [round(float(v), 6) for v in self.calibration_x],
+                                "y": [float(v) for v in self.calibration_y]},
+                "operating_points": {k: float(v) for k, v in self.operating_points.items()}}
+        (folder / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        return folder
+
+
+def load_classifier(folder: str | Path) -> LesionClassifier:
+    """Read a classifier folder; refuse one whose features this version does not compute."""
+    import lightgbm
+
+    folder = Path(folder)
+    what = f"The lesion classifier in '{folder}'"
+    try:
+        card = json.loads((folder / CARD_NAME).read_text(encoding="utf-8"))
+        members = [lightgbm.Booster(model_str=(folder / Path(name).name).read_text(encoding="utf-8"))
+                   for name in card["members"]]
+        calibration = card["calibration"]
+        x, y = np.asarray(calibration["x"], float), np.asarray(calibration["y"], float)
+        points = {str(k): float(v) for k, v in card["operating_points"].items()}
+    except (OSError, KeyError, TypeError, ValueError, lightgbm.basic.LightGBMError) as error:
+        raise InputError(f"{what} cannot be read ({type(error).__name__}: {error}); reinstall the model.") from None
+    names = tuple(card.get("feature_names", ()))
+    if names != FEATURE_NAMES:
+        raise InputError(f"{what} was trained on other candidate features than this version computes; "
+                         "retrain it with prl-detect train-classifier.")
+    if not members or len(x) < 1 or len(x) != len(y):
+        raise InputError(f"{what} has no members or a broken calibration; reinstall the model.")
+    return LesionClassifier(names, members, x, y, points, card)
+
+
+def model_classifier(model_path: str | Path) -> LesionClassifier | None:
+    """The classifier shipped in a model folder, or None when it has none."""
+    folder = Path(model_path) / CLASSIFIER_DIR
+    if not (folder / CARD_NAME).is_file():
+        return None
+    return load_classifier(folder)
