@@ -256,7 +256,7 @@ def write_exports(case: Case, target: Path, exports: CaseExports) -> None:
     if exports.report and not (target / REPORT_NAME).is_file():
         from PRLDetectorLib.cohort.report import case_report_html
 
-        html = case_report_html(target, case_id=case.case_id, flair=case.flair)
+        html = case_report_html(target, case_id=case.case_id)
         with atomic_path(target / REPORT_NAME) as partial:
             partial.write_text(html, encoding="utf-8")
 

@@ -64,10 +64,49 @@ def read_image(path: str | Path, role: str = "image") -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise InputError(f"The {role} '{path}' does not exist; check the path.")
-    image = _read_dicom_folder(path, role) if path.is_dir() else _read_file(path, role)
-    image = as_3d_float(image, role, path.name)
+    if path.is_dir():
+        return as_3d_float(_read_dicom_folder(path, role), role, path.name)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        image = _read_nifti_once(path, role)
+        if image is not None:
+            return image
+    image = as_3d_float(_read_file(path, role), role, path.name)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         image = _restore_nifti_nonfinite(path, image)
+    return image
+
+
+def _read_nifti_once(path: Path, role: str) -> sitk.Image | None:
+    """A plain 3-D scalar NIfTI volume decompressed once: voxels (NaN/Inf kept) from nibabel, geometry from
+    ITK's reading of the header alone, so the image is the one ITK would give. None when the file is not
+    such a volume (4-D, vectors, a header nibabel refuses): the general path reads it then."""
+    import nibabel
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        nifti = nibabel.load(str(path))
+    except Exception:  # not a NIfTI either reader accepts: the general path words the error
+        return None
+    size = reader.GetSize()
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or nifti.shape != size:
+        return None
+    if not np.issubdtype(nifti.get_data_dtype(), np.number) or np.issubdtype(nifti.get_data_dtype(), np.complexfloating):
+        return None
+    if min(size) < 2:
+        return None
+    try:
+        values = np.asarray(nifti.dataobj, dtype=np.float32)
+    except (OSError, EOFError, ValueError, zlib.error):
+        raise InputError(
+            f"The {role} '{path.name}' has a readable header but its voxel data is truncated or corrupt; "
+            "export or copy the file again."
+        ) from None
+    image = sitk.GetImageFromArray(values.transpose(2, 1, 0))
+    image.SetOrigin(reader.GetOrigin())
+    image.SetSpacing(reader.GetSpacing())
+    image.SetDirection(reader.GetDirection())
     return image
 
 
@@ -85,11 +124,12 @@ def _restore_nifti_nonfinite(path: Path, image: sitk.Image) -> sitk.Image:
         return image
     if not np.issubdtype(raw.dtype, np.floating) or raw.size != np.prod(image.GetSize()):
         return image
-    bad = ~np.isfinite(raw.reshape(image.GetSize(), order="F"))
+    raw = raw.reshape(image.GetSize(), order="F").transpose(2, 1, 0)  # z, y, x like the image's array
+    bad = ~np.isfinite(raw)
     if not bad.any():
         return image
     values = sitk.GetArrayFromImage(image)
-    values[bad.transpose(2, 1, 0)] = raw.reshape(image.GetSize(), order="F")[bad].astype(np.float32)
+    values[bad] = raw[bad].astype(np.float32)
     out = sitk.GetImageFromArray(values)
     out.CopyInformation(image)
     return out

@@ -50,14 +50,16 @@ def write_seg_nrrd(labels: sitk.Image, path: str | Path, names: dict[int, str] |
 
     ``names`` and ``colors`` (RGB 0-1) replace the default segment name and colour of the ids they hold."""
     import slicerio
+    from scipy import ndimage
 
     ids_array = sitk.GetArrayViewFromImage(labels)  # z, y, x
     voxels = np.ascontiguousarray(ids_array.transpose(2, 1, 0))  # i, j, k as NRRD stores them
-    ids = [int(i) for i in np.unique(voxels) if i != 0]
+    # One pass over the volume for every lesion's bounding box (index lesion_id - 1; None: id not present).
+    boxes = ndimage.find_objects(voxels)
     segments = []
+    ids = [lesion_id for lesion_id, box in enumerate(boxes, start=1) if box is not None]
     for lesion_id in ids:
-        nonzero = np.nonzero(voxels == lesion_id)
-        extent = [int(v) for axis in nonzero for v in (axis.min(), axis.max())]
+        extent = [int(v) for axis in boxes[lesion_id - 1] for v in (axis.start, axis.stop - 1)]
         segments.append({
             "id": f"PRL_{lesion_id}",
             "name": (names or {}).get(lesion_id, segment_name(lesion_id)),

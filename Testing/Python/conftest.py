@@ -27,6 +27,31 @@ def small_case(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sparse_case(tmp_path_factory) -> Path:
+    """A small head (64×72×56 mm, two PRLs) in one corner of a 136×144×56 mm box whose far corner holds a
+    stray non-zero speck, as a QSM pipeline may leave: nnU-Net's crop to the non-zero region keeps the whole
+    box, and most of the box holds no brain. Returns the QSM file (``qsm.nii.gz``; the truth beside it)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from PRLDetectorLib.phantom.phantom import generate_case, write_case
+
+    case = write_case(generate_case("sparse", seed=4343, extent_mm=(64.0, 72.0, 56.0), n_prl=2),
+                      tmp_path_factory.mktemp("sparse"))
+    head = sitk.ReadImage(str(case / "qsm.nii.gz"))
+    values = sitk.GetArrayFromImage(head)  # z, y, x
+    box = np.zeros((values.shape[0], values.shape[1] + 72, values.shape[2] + 72), np.float32)
+    box[:, : values.shape[1], : values.shape[2]] = values
+    box[-3:, -3:, -3:] = 0.02
+    image = sitk.GetImageFromArray(box)
+    image.SetSpacing(head.GetSpacing())
+    image.SetOrigin(head.GetOrigin())
+    image.SetDirection(head.GetDirection())
+    sitk.WriteImage(image, str(case / "qsm.nii.gz"))
+    return case / "qsm.nii.gz"
+
+
+@pytest.fixture(scope="session")
 def bundled_model_dir() -> Path:
     return REPO / "Resources" / "Models"
 

@@ -94,8 +94,19 @@ def test_burden_json_records_the_burden_model_settings_and_checksums(detected, s
     sha = hashlib.sha256((small_case / "qsm.nii.gz").read_bytes()).hexdigest()
     assert record["inputs"]["qsm"]["sha256"] == sha
     assert record["software"]["nnunetv2"]
-    tiles = record["network_tiles"]
-    assert 0 < tiles["run"] <= tiles["total"]
+    # The small field of view cuts through the head, so brain fills every tile of the 65×112×96 network grid
+    # (2×4×3 tiles of 48³): all run.
+    assert record["network_tiles"] == {"total": 24, "run": 24}
+
+
+def test_burden_json_counts_only_the_tiles_that_held_brain(sparse_case, tmp_path):
+    # The head fills 3×3 of the 5×5 in-plane tile positions of the 51×144×136 network grid, in both of its
+    # 2 slabs; the speck in the far corner needs one more: 19 of 50 tiles run.
+    out = tmp_path / "result"
+    done = run_cli("detect", "--qsm", sparse_case, "--out", out, "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "burden.json").read_text(encoding="utf-8"))
+    assert record["network_tiles"] == {"total": 50, "run": 19}
 
 
 def test_an_existing_result_is_not_overwritten_without_overwrite(detected, small_case):

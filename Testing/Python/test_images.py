@@ -277,3 +277,50 @@ def test_the_warnings_of_the_input_checks_are_recorded_in_burden_json(tmp_path, 
     record = json.loads((tmp_path / "out" / "burden.json").read_text(encoding="utf-8"))
     assert record["input_checks"]["qsm"]["warnings"] == ["The QSM ... looks unmasked ..."]
     assert record["input_checks"]["qsm"]["background"] == "none"
+
+
+def _itk_reading(path) -> sitk.Image:
+    """The general reading path: ITK reads the voxels, nibabel puts back the NaN/Inf ITK turns into 0."""
+    from PRLDetectorLib.detection.images import _read_file, _restore_nifti_nonfinite, as_3d_float
+
+    return _restore_nifti_nonfinite(path, as_3d_float(_read_file(path, "QSM"), "QSM"))
+
+
+@pytest.mark.parametrize("kind", ["float_with_nan", "scaled_int16", "oblique_qform_only", "plain_nii"])
+def test_a_nifti_decompressed_once_is_the_image_itk_reads(tmp_path, kind):
+    import nibabel
+
+    from PRLDetectorLib.detection.images import _read_nifti_once
+
+    values = _brain_like((20, 24, 22)).transpose(2, 1, 0)  # nibabel: i, j, k
+    affine = np.diag([0.8, 0.9, 1.1, 1.0])
+    affine[:3, 3] = (-10.0, 20.0, 5.0)
+    if kind == "float_with_nan":
+        values = values.copy()
+        values[values == 0] = np.nan
+        values[3, 4, 5] = np.inf
+        nifti = nibabel.Nifti1Image(values, affine)
+    elif kind == "scaled_int16":
+        nifti = nibabel.Nifti1Image(np.round(values * 1000).astype(np.int16), affine)
+        nifti.header.set_slope_inter(0.001, -0.25)
+    elif kind == "oblique_qform_only":
+        angle = np.deg2rad(17.0)
+        rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+        affine[:3, :3] = rotation @ np.diag([-0.8, 0.9, 1.1])
+        nifti = nibabel.Nifti1Image(values, None)
+        nifti.set_qform(affine, code=1)
+        nifti.set_sform(None, code=0)
+    else:
+        nifti = nibabel.Nifti1Image(values, affine)
+    path = tmp_path / ("qsm.nii" if kind == "plain_nii" else "qsm.nii.gz")
+    nibabel.save(nifti, str(path))
+
+    once = _read_nifti_once(path, "QSM")
+    assert once is not None, "the one-decompression path was not taken"
+    itk = _itk_reading(path)
+    assert read_image(path, "QSM").GetSize() == itk.GetSize()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(once), sitk.GetArrayFromImage(itk))
+    assert once.GetPixelID() == itk.GetPixelID() == sitk.sitkFloat32
+    assert once.GetOrigin() == itk.GetOrigin()
+    assert once.GetSpacing() == itk.GetSpacing()
+    assert once.GetDirection() == itk.GetDirection()

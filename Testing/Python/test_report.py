@@ -132,3 +132,19 @@ def test_the_flair_row_uses_the_registration_detection_recorded(cohort):
     record["flair_alignment"] = None
     own = sitk.GetArrayFromImage(_load_volumes(out / "p1", record).flair)
     assert np.abs(own.astype(float) - expected).mean() > 0.05 * np.abs(expected).mean()
+
+
+def test_a_qsm_only_batch_pictures_only_the_qsm_even_when_the_patient_has_a_flair(cohort, tmp_path):
+    # Detection did not use the FLAIR, so registering it only for the pictures (~9 s a patient) is not done:
+    # the report shows the scans detection saw.
+    from PRLDetectorLib.cohort.batch import Case, CaseExports, write_exports
+
+    cases, _ = cohort
+    target = tmp_path / "p1"
+    write_truth_result_of_case(cases / "p1", target, with_flair=False)
+    case = Case("p1", cases / "p1" / "qsm.nii.gz", cases / "p1" / "flair.nii.gz")
+    write_exports(case, target, CaseExports(report=True))
+    pictures = images((target / "report.html").read_text(encoding="utf-8"))
+    assert len(pictures) == 2
+    width, height = pictures[0].size
+    assert height < 0.4 * width, "a FLAIR row was drawn for a QSM-only result"

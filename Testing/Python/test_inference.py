@@ -1,0 +1,139 @@
+"""The sliding window of :mod:`PRLDetectorLib.detection.inference` with the bundled model on real phantoms:
+tiles without brain are skipped without changing the result; device memory decides the tile batch; a GPU
+that runs out of memory hands the case to the CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import require_model
+
+from PRLDetectorLib.detection.inference import Segmenter, tile_batch_for_memory
+from PRLDetectorLib.detection.lesions import find_lesions
+from PRLDetectorLib.detection.models import resolve_model
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> Segmenter:
+    require_model("qsm")
+    return Segmenter(resolve_model("qsm"), device="cpu")
+
+
+def _labels(probability: sitk.Image) -> np.ndarray:
+    return find_lesions(sitk.GetArrayFromImage(probability) >= 0.5, probability.GetSpacing(), 0.0, 26)
+
+
+@pytest.fixture(scope="module")
+def sparse_skipped(segmenter, sparse_case):
+    """The sparse case's probability with tiles skipped (the default), and the tile counts."""
+    qsm = sitk.ReadImage(str(sparse_case))
+    return qsm, segmenter.predict([qsm]), segmenter.last_tiles
+
+
+@pytest.mark.slow
+def test_tiles_without_brain_are_not_run_and_the_result_inside_the_brain_is_the_same(segmenter, sparse_skipped):
+    qsm, skipped, tiles = sparse_skipped
+    segmenter.skip_empty_tiles = False
+    try:
+        every = segmenter.predict([qsm])
+    finally:
+        segmenter.skip_empty_tiles = True
+    every_tiles = segmenter.last_tiles
+
+    assert every_tiles.run == every_tiles.total == tiles.total
+    assert tiles.run < tiles.total / 2, f"{tiles.run} of {tiles.total} tiles run"
+    brain = sitk.GetArrayFromImage(qsm) != 0
+    difference = np.abs(sitk.GetArrayFromImage(skipped) - sitk.GetArrayFromImage(every))
+    assert difference[brain].max() <= 1e-3
+    labels = _labels(every)
+    assert labels.max() >= 1, "the phantom's PRLs should be found"
+    np.testing.assert_array_equal(_labels(skipped), labels)
+
+
+@pytest.mark.slow
+def test_openvino_on_the_cpu_finds_the_lesions_pytorch_finds(segmenter, sparse_skipped):
+    qsm, openvino, _ = sparse_skipped
+    assert segmenter.predictor.cpu_runtime == "openvino"
+    segmenter.predictor.cpu_runtime = "pytorch"
+    try:
+        pytorch = segmenter.predict([qsm])
+    finally:
+        segmenter.predictor.cpu_runtime = "openvino"
+    difference = np.abs(sitk.GetArrayFromImage(openvino) - sitk.GetArrayFromImage(pytorch))
+    assert difference.max() <= 1e-3
+    labels = _labels(pytorch)
+    assert labels.max() >= 1
+    np.testing.assert_array_equal(_labels(openvino), labels)
+
+
+@pytest.mark.parametrize(
+    ("free_mb", "per_tile_mb", "expected"),
+    [(8000, 300, 16), (4000, 300, 10), (1000, 300, 2), (300, 300, 1), (50, 300, 1)],
+)
+def test_the_tile_batch_fills_three_quarters_of_the_free_device_memory(free_mb, per_tile_mb, expected):
+    assert tile_batch_for_memory(free_mb * 2**20, per_tile_mb * 2**20) == expected
+
+
+class _RunsOutOfMemoryOnce(torch.nn.Module):
+    """The real network, but its first forward pass raises the error PyTorch raises when memory runs out."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.network(x)
+
+
+def test_out_of_memory_finishes_the_case_one_tile_at_a_time_with_one_warning(segmenter, caplog):
+    predictor = segmenter.predictor
+    tiles = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 48, 48, 72)).astype(np.float32))
+    predictor.brain, predictor.tile_batch = None, 1
+    predictor.cpu_runtime = "pytorch"  # the wrapper below is a PyTorch module
+    expected = predictor.predict_sliding_window_return_logits(tiles)
+    network = predictor.network
+    predictor.network, predictor.tile_batch = _RunsOutOfMemoryOnce(network), 2
+    try:
+        with caplog.at_level(logging.WARNING, logger="PRLDetectorLib.detection.inference"):
+            logits = predictor.predict_sliding_window_return_logits(tiles)
+        calls = predictor.network.calls
+    finally:
+        predictor.network, predictor.tile_batch, predictor.cpu_runtime = network, None, "openvino"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "ran out of memory" in warnings[0] and "one tile at a time" in warnings[0]
+    assert calls == 1 + predictor.stats.run  # the failed pass of two tiles, then one pass per tile
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+def test_the_probability_from_one_resampled_difference_is_nnunets_softmax_export(segmenter, small_case):
+    from nnunetv2.inference.export_prediction import (
+        convert_predicted_logits_to_segmentation_with_correct_shape,
+    )
+
+    from PRLDetectorLib.detection.inference import foreground_probability
+
+    predictor = segmenter.predictor
+    qsm = sitk.ReadImage(str(small_case / "qsm.nii.gz"))
+    qsm = sitk.Resample(qsm, [s - 7 for s in qsm.GetSize()], sitk.Transform(), sitk.sitkLinear, qsm.GetOrigin(),
+                        (0.9, 0.8, 1.3), qsm.GetDirection())  # a grid nnU-Net must resample, and a crop to put back
+    data = sitk.GetArrayFromImage(qsm)[None]
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    pre, _, properties = preprocessor.run_case_npy(data, None, {"spacing": list(qsm.GetSpacing())[::-1]},
+                                                   predictor.plans_manager, predictor.configuration_manager,
+                                                   predictor.dataset_json)
+    assert pre.shape[1:] != data.shape[1:]
+    logits = torch.from_numpy(np.random.default_rng(1).normal(0, 4, size=(2, *pre.shape[1:])).astype(np.float32))
+    _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties,
+        return_probabilities=True)
+    ours = foreground_probability(logits, predictor, properties)
+    assert ours.shape == data.shape[1:] and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, probabilities[1], atol=1e-5, rtol=0)
