@@ -35,17 +35,6 @@ sys.path.insert(0, str(HERE.parents[2]))
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
-class RunnerModule(torch.nn.Module):
-    """A runner in the place of the predictor's network (``.to`` and ``.eval`` are no-ops)."""
-
-    def __init__(self, runner: Runner):
-        super().__init__()
-        self.runner = runner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.runner(x)
-
-
 def brain_tiles(segmenter, count: int, seed: int) -> torch.Tensor:
     """``count`` network tiles that hold brain, from a phantom preprocessed by nnU-Net."""
     import SimpleITK as sitk
@@ -177,22 +166,23 @@ def label_dice(segmenter, cands, names: list[str], seeds: list[int]) -> dict[str
     from PRLDetectorLib.phantom.phantom import generate_case
 
     predictor = segmenter.predictor
-    network = predictor.network
     out: dict[str, list[float]] = {name: [] for name in names}
     for seed in seeds:
         case = generate_case(f"dice{seed}", seed=seed, extent_mm=(96.0, 112.0, 72.0), n_prl=3)
-        predictor.network, predictor.tile_batch = network, 1
+        predictor.tile_batch = 1
         plain = segmenter.predict([case.qsm])
         import SimpleITK as sitk
 
         reference = sitk.GetArrayFromImage(plain) >= 0.5
         for name in names:
             runner, batch, _ = cands[name]
-            predictor.network, predictor.tile_batch = RunnerModule(runner), batch
+            # The candidate in the place of the network for the tiles (the instance attribute shadows the method).
+            predictor._network_on, predictor.tile_batch = (lambda device, run=runner: run), batch
             try:
                 mask = sitk.GetArrayFromImage(segmenter.predict([case.qsm])) >= 0.5
             finally:
-                predictor.network, predictor.tile_batch = network, None
+                del predictor._network_on
+                predictor.tile_batch = None
             out[name].append(dice(mask, reference))
     return out
 
