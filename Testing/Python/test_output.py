@@ -95,7 +95,7 @@ def test_two_runs_with_the_same_out_give_one_whole_result_and_one_refusal(tiny_c
 def test_result_folders_and_files_follow_the_umask(tiny_case, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(_command("-q", "detect", "--qsm", tiny_case / "qsm.nii.gz", "--out", out, "--device", "cpu"),
-                          capture_output=True, text=True, umask=0o022, timeout=900)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", umask=0o022, timeout=900)
     assert done.returncode == 0, done.stderr
     assert out.stat().st_mode & 0o777 == 0o755
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
