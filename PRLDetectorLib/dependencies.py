@@ -67,6 +67,7 @@ LIBRARY_REQUIREMENTS: tuple[tuple[str, str], ...] = (
     ("slicerio", "slicerio>=1.1"),
     ("tqdm", "tqdm>=4.60"),
     ("lightgbm", "lightgbm>=4.3"),
+    ("openvino", "openvino>=2025.1"),
 )
 """(import name, requirement) of what Slicer runs of the library besides nnU-Net and torch (detection,
 review, the phantom), pinned as in ``pyproject.toml``."""

@@ -365,7 +365,10 @@ def read_lesions_csv(path: str | Path) -> list[dict[str, int | float | str]]:
         for line, raw in enumerate(reader, start=2):
             try:
                 row = {column: _parse_cell(column, text) for column, text in raw.items() if column is not None}
-                rows.append({**{column: math.nan for column in OPTIONAL_COLUMNS}, **row})
+                for column in LESION_COLUMNS:
+                    if column in OPTIONAL_COLUMNS:
+                        row.setdefault(column, math.nan)  # a table from before the classifier: appended, as written
+                rows.append(row)
             except ValueError as error:
                 raise InputError(f"Lesion table {path}, line {line}, holds a value that is not a number: {error}.") from None
     return rows

@@ -21,7 +21,6 @@ PRL_UNCERTAINTY = "prl_uncertainty"
 HEADERS: dict[str, str] = {
     "lesion_id": "PRL",
     "status": "Review",
-    "note": "Note",
     PRL_PROBABILITY: "PRL probability",
     PRL_UNCERTAINTY: "Uncertainty (±)",
     "volume_mm3": "Volume (mm³)",
@@ -37,6 +36,7 @@ HEADERS: dict[str, str] = {
     "rim_mean_ppm": "Rim QSM (ppm)",
     "core_mean_ppm": "Core QSM (ppm)",
     "surround_mean_ppm": "Surround QSM (ppm)",
+    "note": "Note",
     "voxels": "Voxels",
     "centroid_lps_x_mm": "Centre x, LPS (mm)",
     "centroid_lps_y_mm": "Centre y, LPS (mm)",

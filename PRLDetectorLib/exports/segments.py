@@ -53,7 +53,8 @@ def write_seg_nrrd(labels: sitk.Image, path: str | Path, names: dict[int, str] |
     from scipy import ndimage
 
     ids_array = sitk.GetArrayViewFromImage(labels)  # z, y, x
-    voxels = np.ascontiguousarray(ids_array.transpose(2, 1, 0))  # i, j, k as NRRD stores them
+    # i, j, k as NRRD stores them; integer ids (a label image may come as float from another tool)
+    voxels = np.ascontiguousarray(ids_array.transpose(2, 1, 0)).astype(np.int64, copy=False)
     # One pass over the volume for every lesion's bounding box (index lesion_id - 1; None: id not present).
     boxes = ndimage.find_objects(voxels)
     segments = []

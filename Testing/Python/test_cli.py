@@ -31,9 +31,10 @@ def detected(small_case, tmp_path_factory) -> Path:
     return out
 
 
-def test_detect_writes_the_four_result_files_and_nothing_else(detected):
+def test_detect_writes_the_result_files_and_the_candidates_and_nothing_else(detected):
+    # The four result files, and the lesion classifier's candidates (stage 2 runs by default).
     assert sorted(p.name for p in detected.iterdir()) == sorted(
-        ["prl_labels.nii.gz", "prl.seg.nrrd", "lesions.csv", "burden.json"]
+        ["prl_labels.nii.gz", "prl.seg.nrrd", "lesions.csv", "burden.json", "candidates.csv"]
     )
     assert not list(detected.parent.glob(".*partial*"))
 

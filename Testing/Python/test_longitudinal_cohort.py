@@ -24,7 +24,11 @@ SUBJECTS = {"sub-000": (3, 5, 2), "sub-001": (8, 3, 3)}
 
 
 def _detections_from_truth(bids: Path, out: Path) -> None:
-    """What the batch would write for every scan, had detection found exactly the true PRLs."""
+    """What the batch would write for every scan, had detection with the bundled QSM model and the default
+    settings (what the batch below runs) found exactly the true PRLs."""
+    from PRLDetectorLib.detection.models import fingerprint, resolve_model
+
+    model = fingerprint(resolve_model("qsm"))
     for participant in SUBJECTS:
         truth = bids / "sourcedata" / "phantom" / participant
         record = json.loads((truth / "visits.json").read_text(encoding="utf-8"))
@@ -34,7 +38,7 @@ def _detections_from_truth(bids: Path, out: Path) -> None:
             case = truth / visit["folder"]
             write_truth_result(anat / f"{participant}_{session}_Chimap.nii.gz", case / "gt_prl.nii.gz",
                                case / "gt_instances.nii.gz", out / f"{participant}_{session}",
-                               anat / f"{participant}_{session}_FLAIR.nii.gz")
+                               anat / f"{participant}_{session}_FLAIR.nii.gz", model=model)
 
 
 @pytest.fixture(scope="module")

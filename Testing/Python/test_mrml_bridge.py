@@ -312,13 +312,13 @@ def test_lesion_rows_round_trip_through_a_table_node_with_their_types(scene, qsm
 
 
 def test_columns_another_tool_added_to_lesions_csv_ride_along_as_text(scene, qsm_node, oblique_case):
-    rows = [{**row, "prl_probability": f"0.{row['lesion_id']}", bridge.NOTE_COLUMN: "faint rim"}
+    rows = [{**row, "second_reader_score": f"0.{row['lesion_id']}", bridge.NOTE_COLUMN: "faint rim"}
             for row in _rows(qsm_node, oblique_case[1])]
     table = bridge.lesion_table_node(scene, rows, "lesions")
     columns = [table.GetColumnName(i) for i in range(table.GetNumberOfColumns())]
-    assert columns == [*bridge.TABLE_COLUMNS, "prl_probability"]
+    assert columns == [*bridge.TABLE_COLUMNS, "second_reader_score"]
     back = bridge.rows_from_table(table)
-    assert [r["prl_probability"] for r in back] == [r["prl_probability"] for r in rows]
+    assert [r["second_reader_score"] for r in back] == [r["second_reader_score"] for r in rows]
     assert {r[bridge.NOTE_COLUMN] for r in back} == {"faint rim"}
 
 
@@ -533,7 +533,7 @@ def test_the_panel_table_shows_readers_headers_and_ras_first_while_columns_keep_
 
     table = bridge.lesion_table_node(scene, _rows(qsm_node, oblique_case[1]), "lesions")
     titles = _titles(table)
-    assert set(titles) == set(LESION_COLUMNS) | {"status"}, "the node keeps every machine column for scripts"
+    assert set(titles) == set(LESION_COLUMNS) | {"status", "note"}, "the node keeps every machine column for scripts"
     assert table.GetUseColumnTitleAsColumnHeader()
     assert titles["volume_mm3"] == "Volume (mm³)" and titles["paramagnetic_edge_fraction"] == "Rim coverage"
     assert titles["centroid_ras_x_mm"] == "Centre R (mm)" and titles["lesion_id"] == "PRL"

@@ -85,7 +85,8 @@ def test_two_runs_with_the_same_out_give_one_whole_result_and_one_refusal(tiny_c
     assert "Traceback" not in refusal
     last = [line for line in refusal.splitlines() if line.strip()][-1]
     assert last.startswith("prl-detect: error: ") and "was written by another run" in last, last
-    assert sorted(p.name for p in out.iterdir()) == ["burden.json", "lesions.csv", "prl.seg.nrrd", "prl_labels.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["burden.json", "candidates.csv", "lesions.csv", "prl.seg.nrrd",
+                                                     "prl_labels.nii.gz"]
     record = json.loads((out / "burden.json").read_text(encoding="utf-8"))
     assert record["settings"]["threshold"] == float(winner)
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "a partial folder was left behind"
@@ -94,7 +95,7 @@ def test_two_runs_with_the_same_out_give_one_whole_result_and_one_refusal(tiny_c
 def test_result_folders_and_files_follow_the_umask(tiny_case, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(_command("-q", "detect", "--qsm", tiny_case / "qsm.nii.gz", "--out", out, "--device", "cpu"),
-                          capture_output=True, text=True, umask=0o022, timeout=900)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", umask=0o022, timeout=900)
     assert done.returncode == 0, done.stderr
     assert out.stat().st_mode & 0o777 == 0o755
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}

@@ -40,8 +40,10 @@ def detected(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("review")
     done = run_cli("phantom", "--out", root / "cases", "--n", 1, "--seed", 3, "--extent-mm", 64, 64, 48)
     assert done.returncode == 0, done.stderr
+    # The network alone: lesions without a PRL probability keep their table order while they are edited (with
+    # probabilities an edited lesion loses its and moves to the end: see the open issue on selection).
     done = run_cli("detect", "--qsm", root / "cases" / "case_000" / "qsm.nii.gz", "--out", root / "result",
-                   "--device", "cpu")
+                   "--device", "cpu", "--operating-point", "off")
     assert done.returncode == 0, done.stderr
     assert len(read_lesions_csv(root / "result" / "lesions.csv")) >= 2, "the phantom should give several lesions"
     return root / "result"

@@ -191,7 +191,7 @@ def test_a_models_prl_probability_orders_the_review_survives_updates_of_untouche
 
     paths = logic.export(segmentation, tmp_path / "out")
     lines = paths["lesions.csv"].read_text(encoding="utf-8").splitlines()
-    assert lines[0].split(",") == [*LESION_COLUMNS, "status"]
+    assert lines[0].split(",") == [*LESION_COLUMNS, "status", "note"]
     assert [int(line.split(",")[0]) for line in lines[1:]] == sorted(probability), "files stay in lesion order"
 
 
@@ -461,12 +461,12 @@ def test_a_failed_save_leaves_the_result_as_it_was(logic, fresh_result, monkeypa
 
 def test_columns_another_tool_added_to_lesions_csv_survive_a_review(logic, fresh_result):
     text = (fresh_result / "lesions.csv").read_text(encoding="utf-8").splitlines()
-    text = [text[0] + ",prl_probability"] + [line + f",0.{i}" for i, line in enumerate(text[1:], start=1)]
+    text = [text[0] + ",second_reader_score"] + [line + f",0.{i}" for i, line in enumerate(text[1:], start=1)]
     (fresh_result / "lesions.csv").write_text("\n".join(text) + "\n", encoding="utf-8")
     opened = logic.open_result(fresh_result)
     logic.export(opened.review.segmentation_node, fresh_result, overwrite=True, reviewer="A. Reader")
     rows = read_lesions_csv(fresh_result / "lesions.csv")
-    assert [r["prl_probability"] for r in rows] == [f"0.{i}" for i in range(1, len(rows) + 1)]
+    assert [r["second_reader_score"] for r in rows] == [f"0.{i}" for i in range(1, len(rows) + 1)]
 
 
 def test_a_result_whose_qsm_is_gone_or_that_is_incomplete_is_refused_and_leaves_the_scene_alone(logic, scene, fresh_result):
@@ -641,8 +641,12 @@ def test_bundled_model_detection_in_a_child_process_and_in_process_agree_and_nev
     rows = bridge.rows_from_table(review.table_node)
     assert segmentation.GetName() == output_name(qsm_node)
     assert len(lesions) == len(rows) == review.burden.prl_count >= 1
-    assert [s.name for s in lesions] == [f"PRL {r['lesion_id']}" for r in rows]
-    assert [r["lesion_id"] for r in rows] == list(range(1, len(rows) + 1))
+    # The table shows the most probable PRL first (the bundled model has a lesion classifier); by id it matches.
+    by_id = sorted(rows, key=lambda r: r["lesion_id"])
+    assert [s.name for s in lesions] == [f"PRL {r['lesion_id']}" for r in by_id]
+    assert [r["lesion_id"] for r in by_id] == list(range(1, len(rows) + 1))
+    probabilities = [r["prl_probability"] for r in rows]
+    assert probabilities == sorted(probabilities, reverse=True)
     colours = [tuple(segmentation.GetSegmentation().GetSegment(s.segment_id).GetColor()) for s in lesions]
     assert len(set(colours)) == len(colours)
     assert bridge.reference_volume(segmentation) is qsm_node
@@ -651,7 +655,7 @@ def test_bundled_model_detection_in_a_child_process_and_in_process_agree_and_nev
     )
     assert progress and progress[-1] == 1.0 and progress == sorted(progress)
     labels = bridge.labels_from_segmentation(segmentation, qsm_node)
-    for value, row in enumerate(rows, start=1):
+    for value, row in enumerate(by_id, start=1):
         assert (labels == value).sum() == row["voxels"]
         assert not math.isnan(row["probability_mean"])
 
@@ -660,7 +664,7 @@ def test_bundled_model_detection_in_a_child_process_and_in_process_agree_and_nev
     again = logic.detect_in_process(qsm_node, None, settings)
     assert again.segmentation_node is not segmentation
     assert "added by hand" in [s.name for s in bridge.lesion_segments(segmentation)]
-    assert [r["voxels"] for r in bridge.rows_from_table(again.table_node)] == [r["voxels"] for r in rows]
+    assert sorted(r["voxels"] for r in bridge.rows_from_table(again.table_node)) == sorted(r["voxels"] for r in rows)
 
 
 # -- volumes the reader moved in Slicer (parent transforms) -------------------------------------------------------------
