@@ -148,13 +148,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.iterations < 1 or args.save_every < 1:
         raise InputError("--epochs, --iterations and --save-every must be 1 or more.")
+    if args.resume and args.init_from:
+        raise InputError("--resume goes on with a run that already has its start; drop --init-from.")
     name = trained_model_name(args.name, args.model_out)
     model = run_training_job(
         cases_dir=Path(args.cases), work_dir=Path(args.work), model_out=Path(args.model_out), name=name,
         with_flair=args.flair, dataset_id=args.dataset_id, small=args.plan == "small", epochs=args.epochs,
         iterations_per_epoch=args.iterations, val_iterations=args.val_iterations, seed=args.seed,
         device=args.device, fold=int(args.fold) if args.fold.isdigit() else args.fold, resume=args.resume,
-        save_every=args.save_every,
+        save_every=args.save_every, init_from=args.init_from,
     )
     print(f"Model: {model}")
     return 0
@@ -265,6 +267,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="go on with an interrupted run in --work from its last checkpoint, with the epochs and "
                             "iterations it was started with (give the same --dataset-id, --plan, --fold)")
     train.add_argument("--save-every", type=int, default=5, help="epochs between checkpoints (default: %(default)s)")
+    train.add_argument("--init-from", metavar="MODEL",
+                       help="fine-tune: start from this model's weights and plan (a bundled name or a model folder; "
+                            "same inputs as --flair says), e.g. to adapt a bundled model to a site's scans")
     train.set_defaults(func=cmd_train)
 
     export_model = sub.add_parser("export-model", help="export a trained (or still training) nnU-Net run as a model")

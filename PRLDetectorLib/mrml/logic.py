@@ -544,17 +544,22 @@ class SceneLogic:
 
     # -- result folders ----------------------------------------------------------------------------------
 
-    def open_result(self, folder: str | Path) -> OpenedResult:
+    def open_result(self, folder: str | Path, qsm_path: str | Path | None = None,
+                    qsm_name: str | None = None) -> OpenedResult:
         """Open a ``detect`` result folder (or one batch patient) for review, as it was last saved.
 
         The QSM (and FLAIR, on the QSM grid as detection aligned it) come from the paths ``burden.json``
-        records; the lesions are the segments of ``prl.seg.nrrd`` with the statuses and notes a review saved
-        (a file straight from ``detect`` has candidates); the table is ``lesions.csv`` as measured.
+        records (``qsm_path``: the same QSM moved elsewhere); the lesions are the segments of ``prl.seg.nrrd``
+        with the statuses and notes a review saved (a file straight from ``detect`` has candidates); the table
+        is ``lesions.csv`` as measured. ``qsm_name`` names the QSM node (default: "<folder> QSM").
         """
         from PRLDetectorLib.detection.result_images import QSM_WINDOW_PPM, read_result_images
 
         folder = Path(folder)
         record = read_record(folder)
+        if qsm_path is not None:
+            record = {**record, "inputs": {**record.get("inputs", {}),
+                                           "qsm": {**record.get("inputs", {}).get("qsm", {}), "path": str(qsm_path)}}}
         for name in (SEGMENTATION_NAME, LESIONS_NAME):
             if not (folder / name).is_file():
                 raise InputError(f"'{folder}' holds no {name}; it is not a complete PRLDetector result.")
@@ -563,7 +568,7 @@ class SceneLogic:
         case = folder.name
         added = []
         try:
-            qsm_node = bridge.add_volume_node(self.scene, images.qsm, self.scene.GenerateUniqueName(f"{case} QSM"))
+            qsm_node = bridge.add_volume_node(self.scene, images.qsm, qsm_name or self.scene.GenerateUniqueName(f"{case} QSM"))
             added.append(qsm_node)
             bridge.set_window(qsm_node, *QSM_WINDOW_PPM)
             flair_node = None
@@ -679,23 +684,9 @@ class SceneLogic:
     # -- follow-up visits ----------------------------------------------------------------------------------
 
     def load_result(self, result_dir: str | Path, qsm_path: str | Path | None = None, name: str | None = None) -> LesionReview:
-        """A ``detect`` result folder in the scene: its QSM (the one it names, or ``qsm_path``) and a review of
-        its lesions, as detection in the panel would have made it."""
-        from PRLDetectorLib.detection.images import read_image
-
-        result_dir = Path(result_dir)
-        if not (result_dir / BURDEN_NAME).is_file() or not (result_dir / LABELS_NAME).is_file():
-            raise InputError(f"'{result_dir}' is not a PRLDetector result (no {BURDEN_NAME}); choose the output folder "
-                             "of detect.")
-        record = json.loads((result_dir / BURDEN_NAME).read_text(encoding="utf-8"))
-        qsm_path = qsm_path or record.get("inputs", {}).get("qsm", {}).get("path")
-        if not qsm_path:
-            raise InputError(f"The result '{result_dir}' names no QSM; give the QSM it was detected on.")
-        qsm_node = bridge.add_volume_node(self.scene, read_image(qsm_path, "QSM"), name or f"{result_dir.name} QSM")
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(result_dir / LABELS_NAME)))
-        review = self.show_detection(qsm_node, labels, read_lesions_csv(result_dir / LESIONS_NAME))
-        _annotate(review.segmentation_node, record.get("settings", {}), record.get("model", {}))
-        return review
+        """A ``detect`` result folder in the scene as a review of its lesions (e.g. an earlier visit): what
+        :meth:`open_result` opens, its QSM named ``name``."""
+        return self.open_result(result_dir, qsm_path, name).review
 
     def _visit(self, segmentation_node, name: str, flair_node=None) -> Visit:
         """A reviewed visit as the comparison sees it: the lesions not rejected, measured as they are now."""

@@ -106,6 +106,7 @@ class ReviewPage:
             "reviewer": reviewer, "lesions": [], "columns": [], "selected": None, "note": "",
             "burden": {}, "unsaved": False, "message": "", "message_kind": "info",
             "backgrounds": [], "background": "QSM", "edit_mode": "look", "brush_mm": BRUSH_MM,
+            "active_edit": "look", "active_edit_lesion": None,
         })
         self.server.trigger("select_lesion")(self.select_lesion)
         self.server.trigger("set_status")(self.set_status)
@@ -152,6 +153,7 @@ class ReviewPage:
         state = self.server.state
         state.edit_mode = "look"
         self.slicer.segmentation_editor.deactivate_effect()
+        state.update({"active_edit": "look", "active_edit_lesion": None})
         if self.opened is not None:
             self.logic.close_result(self.opened)
             self.opened = None
@@ -233,6 +235,7 @@ class ReviewPage:
             segment_id = bridge.segment_id_of_lesion(self._segmentation, state.selected)
         if state.edit_mode not in EDIT_EFFECTS or segment_id is None:
             editor.deactivate_effect()
+            state.update({"active_edit": "look", "active_edit_lesion": None})
             return
         self._activating_editor = True
         try:
@@ -243,6 +246,9 @@ class ReviewPage:
             effect.set_brush_diameter(float(state.brush_mm), BrushDiameterMode.Absolute)
         finally:
             self._activating_editor = False
+        # What the views do now, as the server set it up: the toggle is the reader's wish, this is the fact (a
+        # stroke made before it arrives would still paint, or do nothing).
+        state.update({"active_edit": state.edit_mode, "active_edit_lesion": state.selected})
 
     def _on_segments_edited(self, *_) -> None:
         """A stroke changed a segment: measure the lesions again (the panel's Update burden)."""
@@ -430,6 +436,12 @@ class ReviewPage:
                 v3.VSlider(v_model=("brush_mm",), min=1, max=10, step=0.5, density="compact", hide_details=True,
                            style="max-width: 160px", thumb_label=True, v_show=("edit_mode !== 'look'",))
                 html.Span("brush {{ brush_mm }} mm", v_show=("edit_mode !== 'look'",))
+                html.Span(
+                    "{{ active_edit === 'paint' ? 'painting' : 'erasing' }} PRL {{ active_edit_lesion }}",
+                    v_show=("active_edit !== 'look'",), classes="text-medium-emphasis",
+                    raw_attrs=['data-testid="active-edit"', ':data-mode="active_edit"',
+                               ':data-edit-lesion="active_edit_lesion"'],
+                )
 
 
 def serve(folders: list[Path], host: str, port: int, reviewer: str = "", verbose: bool = False) -> None:

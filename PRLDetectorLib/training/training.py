@@ -123,6 +123,36 @@ def plan_and_preprocess(folders: TrainingFolders, dataset_id: int, processes: in
     return preprocessed
 
 
+def plan_from_model(folders: TrainingFolders, dataset_id: int, model, processes: int = 2) -> Path:
+    """Fine-tuning: preprocess a new dataset with an existing model's own plan (its spacing, normalisation, patch
+    and network), so the model's weights fit and its images are read as before. nnU-Net's fingerprint is still
+    taken (it checks the dataset); no new plan is made."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
+
+    plans = json.loads((model.path / "plans.json").read_text(encoding="utf-8"))
+    raw = next(folders.raw.glob(f"Dataset{dataset_id:03d}_*"))
+    extract_fingerprints([dataset_id], num_processes=processes, check_dataset_integrity=True, verbose=False)
+    plans["dataset_name"] = raw.name
+    plans["plans_name"] = SMALL_PLANS
+    preprocessed = folders.preprocessed / raw.name
+    preprocessed.mkdir(parents=True, exist_ok=True)
+    (preprocessed / f"{SMALL_PLANS}.json").write_text(json.dumps(plans, indent=2), encoding="utf-8")
+    shutil.copy2(raw / "dataset.json", preprocessed / "dataset.json")  # nnU-Net's planner would copy it
+    preprocess([dataset_id], SMALL_PLANS, configurations=(CONFIGURATION,), num_processes=(processes,), verbose=False)
+    return preprocessed
+
+
+def load_start_weights(network, model) -> None:
+    """Every weight of ``model``'s fold checkpoint into ``network`` (output layers included: the task is the
+    same), loaded with ``weights_only=True``."""
+    from PRLDetectorLib.detection.models import load_checkpoints
+
+    _, checkpoints = load_checkpoints(model)
+    weights = next(iter(checkpoints.values()))["network_weights"]
+    network.load_state_dict(weights, strict=True)
+    logger.info("Started from the weights of %s (%d tensors)", model.path, len(weights))
+
+
 def seed_everything(seed: int) -> None:
     import torch
 
@@ -134,7 +164,7 @@ def seed_everything(seed: int) -> None:
 def train(
     folders: TrainingFolders, dataset_id: int, plans_name: str, epochs: int, iterations_per_epoch: int,
     val_iterations: int, fold: int | str = 0, seed: int = 0, device: str = "auto",
-    resume_from: Path | None = None, save_every: int = 5,
+    resume_from: Path | None = None, save_every: int = 5, start_model=None,
 ):
     """Train with nnU-Net's own ``nnUNetTrainer`` through its Python API; returns the trainer.
 
@@ -157,6 +187,9 @@ def train(
     if resume_from is not None:
         trainer.load_checkpoint(str(resume_from))
         logger.info("Resuming %s at epoch %d of %d", resume_from, trainer.current_epoch, epochs)
+    elif start_model is not None:
+        trainer.initialize()
+        load_start_weights(trainer.network, start_model)
     trainer.run_training()
     return trainer
 
@@ -207,9 +240,12 @@ def training_curve(log: dict) -> list[dict]:
 def run_training_job(
     cases_dir: Path, work_dir: Path, model_out: Path, name: str, with_flair: bool, dataset_id: int,
     small: bool, epochs: int, iterations_per_epoch: int, val_iterations: int, seed: int, device: str,
-    fold: int | str = 0, resume: bool = False, save_every: int = 5,
+    fold: int | str = 0, resume: bool = False, save_every: int = 5, init_from: str | Path | None = None,
 ) -> Path:
     """The whole ``prl-detect train``: dataset, planning, training, export. Returns the model folder.
+
+    ``init_from``: a model (bundled name or folder) to fine-tune: its plan and its weights are the start; the
+    epochs then run nnU-Net's usual schedule from its initial learning rate.
 
     ``resume``: go on with an interrupted run in ``work_dir`` (same dataset id, plan and fold) from its last
     saved checkpoint (every ``save_every`` epochs), with the epochs and iterations that run was started with."""
@@ -217,6 +253,16 @@ def run_training_job(
         raise InputError(f"The model folder '{model_out}' exists already; remove it or choose another.")
     folders = TrainingFolders(work_dir)
     plans_name = SMALL_PLANS if small else DEFAULT_PLANS
+    start_model = None
+    if init_from is not None:
+        from PRLDetectorLib.detection.models import resolve_model
+
+        start_model = resolve_model(init_from)
+        if ("flair" in start_model.channels) != with_flair:
+            raise InputError(f"The model '{start_model.name}' reads {' + '.join(c.upper() for c in start_model.channels)}"
+                             f" but {'QSM + FLAIR' if with_flair else 'QSM only'} was asked for; fine-tune a model with "
+                             "the same inputs (--flair or not).")
+        plans_name = SMALL_PLANS  # the model's own plan, stored under this name
     resume_from = None
     if resume:
         resume_from, epochs, iterations_per_epoch, val_iterations = interrupted_run(folders, dataset_id, plans_name, fold)
@@ -226,10 +272,26 @@ def run_training_job(
         raw = folders.raw / dataset_name(dataset_id, name)
         n_cases = build_raw_dataset(cases_dir, raw, with_flair)
         logger.info("Raw dataset %s: %d cases", raw, n_cases)
-        plan_and_preprocess(folders, dataset_id)
+        if start_model is not None:
+            plan_from_model(folders, dataset_id, start_model)
+        else:
+            plan_and_preprocess(folders, dataset_id)
     train(folders, dataset_id, plans_name, epochs, iterations_per_epoch, val_iterations, fold, seed, device,
-          resume_from=resume_from, save_every=save_every)
-    return export_trained_model(work_dir, dataset_id, model_out, name, "final", fold, cases_dir=cases_dir, seed=seed)
+          resume_from=resume_from, save_every=save_every, start_model=start_model)
+    model = export_trained_model(work_dir, dataset_id, model_out, name, "final", fold, cases_dir=cases_dir, seed=seed)
+    if start_model is not None:
+        card_path = model / "model.json"
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card["training"]["started_from"] = {"model": start_model.path.name,
+                                            "checkpoint_sha256": fingerprint_of(start_model)}
+        card_path.write_text(json.dumps(card, indent=2), encoding="utf-8")
+    return model
+
+
+def fingerprint_of(model) -> str | None:
+    from PRLDetectorLib.detection.models import fingerprint
+
+    return fingerprint(model).checkpoint_sha256
 
 
 def interrupted_run(folders: TrainingFolders, dataset_id: int, plans_name: str,

@@ -164,3 +164,36 @@ def test_cases_without_masks_are_refused(tmp_path, cases):
                    tmp_path / "model")
     assert_refused(done, "has no PRL mask")
     assert not (tmp_path / "model").exists()
+
+
+def test_fine_tuning_starts_from_the_given_model_with_its_plan(trained, cases, tmp_path):
+    _, start = trained
+    tuned = tmp_path / "tuned"
+    done = run_cli("-v", "train", "--cases", cases, "--work", tmp_path / "work", "--model-out", tuned, "--name", "tuned",
+                   "--dataset-id", 992, "--epochs", 1, "--iterations", 1, "--val-iterations", 1, "--device", "cpu",
+                   "--init-from", start)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Started from the weights of" in done.stderr
+    plan = json.loads((tuned / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]
+    assert plan == json.loads((start / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]
+    before = torch.load(start / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)["network_weights"]
+    after = torch.load(tuned / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=True)["network_weights"]
+    convolutions = [k for k, v in before.items() if v.ndim == 5]
+    # One SGD step moves the weights a little; a network that did not start from them would be unrelated (~0).
+    similarity = [torch.nn.functional.cosine_similarity(before[k].flatten(), after[k].flatten(), dim=0).item()
+                  for k in convolutions]
+    assert min(similarity) > 0.9, similarity
+    assert any(not torch.equal(before[k], after[k]) for k in convolutions), "the step changed nothing"
+    card = json.loads((tuned / "model.json").read_text(encoding="utf-8"))
+    assert card["training"]["started_from"]["model"] == start.name
+
+
+def test_fine_tuning_refuses_a_model_with_other_inputs_and_a_resume(trained, cases, tmp_path):
+    _, start = trained
+    done = run_cli("train", "--cases", cases, "--work", tmp_path / "work", "--model-out", tmp_path / "m", "--name", "t",
+                   "--dataset-id", 993, "--flair", "--init-from", start)
+    assert_refused(done, "fine-tune a model with the same inputs")
+    done = run_cli("train", "--cases", cases, "--work", tmp_path / "work2", "--model-out", tmp_path / "m2",
+                   "--name", "t", "--resume", "--init-from", start)
+    assert_refused(done, "drop --init-from")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()

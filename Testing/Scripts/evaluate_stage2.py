@@ -7,6 +7,8 @@ own ``Detector.lesions_from_probability``, and the results are written and score
 ``evaluate`` write and score them.
 
 Usage: .venv/bin/python Testing/Scripts/evaluate_stage2.py WORK [--models qsm qsm_flair] [--write-cards]
+  A model is a bundled name or LABEL=FOLDER (a model folder not yet installed, e.g. a retrained one); its
+  results go to WORK/pred/LABEL_<point>, and --write-cards writes its card (the bundled model's, or FOLDER's).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ TITLES = {"qsm": "QSM only", "qsm_flair": "QSM + FLAIR"}
 
 
 def predict(work: Path, model: str, mode: str, cases: list[Path]) -> Path:
-    out = work / "pred" / f"{model}_{mode}"
-    detector = Detector(DetectionSettings(model=model, device="cpu", operating_point=mode))
+    label, _, folder = model.partition("=")
+    out = work / "pred" / f"{label}_{mode}"
+    detector = Detector(DetectionSettings(model=folder or label, device="cpu", operating_point=mode))
     for case in tqdm(cases, desc=f"{model} {mode}", unit="case"):
         if (out / case.name / "burden.json").is_file():
             continue
@@ -122,19 +125,21 @@ def main() -> None:
     cases = sorted(p for p in (args.work / "test").iterdir() if (p / "truth.json").is_file())
     figures: dict = {}
     for model in args.models:
+        label = model.partition("=")[0]
         evaluations = {}
         for mode in MODES:
             pred = predict(args.work, model, mode, cases)
             evaluations[mode] = evaluate_folders(args.work / "test", pred)
-        figures[model] = {mode: evaluations[mode].to_dict() for mode in MODES}
-        figures[model]["pr_auc"] = pr_auc(args.work, args.work / "pred" / f"{model}_sensitive", cases)
-        figures[model]["mcnemar_vs_stage1"] = {
+        figures[label] = {mode: evaluations[mode].to_dict() for mode in MODES}
+        figures[label]["pr_auc"] = pr_auc(args.work, args.work / "pred" / f"{label}_sensitive", cases)
+        figures[label]["mcnemar_vs_stage1"] = {
             mode: compare_evaluations(evaluations[NO_CLASSIFIER], evaluations[mode]).to_dict() for mode in MODES[1:]}
     (args.work / "evaluation_stage2.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
     print("| model | stage 2 | lesion sensitivity | lesion precision | patient sensitivity (≥ 1) | "
           "patient specificity (≥ 1) | FP / patient |")
     print("|---|---|---|---|---|---|---|")
-    for model in args.models:
+    labels = {model.partition("=")[0]: model.partition("=")[2] for model in args.models}
+    for model in labels:
         for mode in MODES:
             e = figures[model][mode]
             patient = e["patient"]["ge1"]
@@ -142,13 +147,13 @@ def main() -> None:
                   f"{_cell(e['lesion_sensitivity'])} | {_cell(e['lesion_precision'])} | "
                   f"{_cell(patient['sensitivity'])} | {_cell(patient['specificity'])} | "
                   f"{e['false_positives_per_patient']:.2f} |")
-    for model in args.models:
+    for model in labels:
         print(f"\n{model}: candidates {json.dumps(figures[model]['pr_auc'])}")
         for mode, comparison in figures[model]["mcnemar_vs_stage1"].items():
             print(f"{model} {mode} vs network alone: {json.dumps(comparison)}")
     if args.write_cards:
-        for model in args.models:
-            card_path = REPO / "Resources" / "Models" / model / "model.json"
+        for model, folder in labels.items():
+            card_path = (Path(folder) if folder else REPO / "Resources" / "Models" / model) / "model.json"
             card = json.loads(card_path.read_text(encoding="utf-8"))
             card.setdefault("accuracy", {})["held_out_variant_stage2"] = {
                 "test_set": "40 phantom patients of a reconstruction the classifiers never saw (gradient-"
