@@ -328,6 +328,27 @@ class CandidateSet:
         return len(self.features)
 
 
+def distances_to_brain_edge(brain: np.ndarray, spacing_zyx: np.ndarray, points: list[tuple[int, int, int]]
+                            ) -> np.ndarray:
+    """Distance (mm) from each voxel in ``points`` to the nearest voxel outside the brain (the volume's border
+    counts as outside): what a Euclidean distance transform of the whole brain gives at those voxels, without
+    making it (28 s on a 512 × 512 × 320 grid against ~1 s). The nearest outside voxel always touches the brain
+    (its neighbour towards the point would be nearer otherwise), so a k-d tree of those border voxels answers."""
+    from scipy.spatial import cKDTree
+
+    if not points:
+        return np.zeros(0)
+    padded = np.pad(brain, 1)
+    touching = np.zeros_like(padded)
+    for axis in range(3):
+        for shift in (1, -1):
+            touching |= np.roll(padded, shift, axis=axis)
+    border = np.argwhere(touching & ~padded).astype(np.float64) - 1  # back to unpadded indices
+    where = np.asarray(points, dtype=np.float64)
+    distances, _ = cKDTree(border * spacing_zyx).query(where * spacing_zyx)
+    return np.where(brain[tuple(np.asarray(points).T)], distances, 0.0)
+
+
 def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.Image | None,
                          threshold: float, min_mm3: float, connectivity: int = 26) -> CandidateSet:
     """Candidates of one case and their features.
@@ -346,7 +367,11 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     labels, n = find_candidates(probability, threshold, spacing_xyz, min_mm3, bright, connectivity)
     if n == 0:
         return CandidateSet(labels, np.zeros((0, len(FEATURE_NAMES)), np.float32), [])
-    edge = ndimage.distance_transform_edt(np.pad(brain_np, 1), sampling=spacing_zyx)[1:-1, 1:-1, 1:-1]
+    boxes = ndimage.find_objects(labels)
+    voxels = [np.argwhere(labels[box] == i) + np.array([s.start for s in box]) for i, box in enumerate(boxes, start=1)]
+    centroids = [index.mean(axis=0) for index in voxels]
+    edge_mm = distances_to_brain_edge(
+        brain_np, spacing_zyx, [tuple(np.clip(np.rint(c).astype(int), 0, np.array(q.shape) - 1)) for c in centroids])
     brain_img = sitk.GetImageFromArray(brain_np.astype(np.float32))
     brain_img.CopyInformation(qsm)
     qsm_patches = PatchSampler(sitk.Cast(qsm, sitk.sitkFloat32))
@@ -354,19 +379,17 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     flair_patches = PatchSampler(sitk.Cast(flair, sitk.sitkFloat32)) if flair is not None else None
     rows, sources = [], []
     voxel_mm3 = float(np.prod(spacing_xyz))
-    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+    for i, box in enumerate(boxes, start=1):
         inside = labels[box] == i
-        index = np.argwhere(inside) + np.array([s.start for s in box])
+        index, centroid = voxels[i - 1], centroids[i - 1]
         p = probability[box][inside]
-        centroid = index.mean(axis=0)
         centre = np.array(qsm.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centroid[::-1])))
         extent = (index.max(0) - index.min(0) + 1) * spacing_zyx
-        nearest = tuple(np.clip(np.rint(centroid).astype(int), 0, np.array(q.shape) - 1))
         from_flair = float(bright[box][inside].mean()) if bright is not None else 0.0
         from_network = float((p >= threshold).mean())
         sources.append("both" if from_flair > 0 and from_network > 0 else "flair" if from_flair > 0 else "network")
         stage1 = {"mm3": inside.sum() * voxel_mm3, "extent_mm": float(extent.max()), "prob_max": float(p.max()),
                   "prob_mean": float(p.mean()), "prob_above_half": float((p >= 0.5).mean()),
-                  "edge_mm": float(edge[nearest]), "from_flair": from_flair}
+                  "edge_mm": float(edge_mm[i - 1]), "from_flair": from_flair}
         rows.append(candidate_features(qsm_patches, brain_patches, flair_patches, centre, stage1))
     return CandidateSet(labels, np.stack(rows), sources)

@@ -153,3 +153,20 @@ def test_directions_cover_the_sphere_evenly():
     directions = fibonacci_directions(64)
     assert np.allclose(np.linalg.norm(directions, axis=1), 1)
     assert np.abs(directions.mean(axis=0)).max() < 0.05
+
+
+def test_the_distance_to_the_brain_edge_is_the_distance_transforms_at_each_point():
+    from scipy import ndimage
+
+    from PRLDetectorLib.detection.candidates import distances_to_brain_edge
+
+    rng = np.random.default_rng(4)
+    zz, yy, xx = np.mgrid[:40, :50, :60]
+    brain = ((zz - 20) / 17.0) ** 2 + ((yy - 25) / 22.0) ** 2 + ((xx - 30) / 40.0) ** 2 <= 1  # touches the x border
+    brain &= rng.random(brain.shape) > 0.02  # holes inside count as outside, as they do for the transform
+    spacing = np.array([1.2, 0.6, 0.5])
+    points = [tuple(p) for p in rng.integers(0, brain.shape, size=(200, 3))]
+    expected = ndimage.distance_transform_edt(np.pad(brain, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    got = distances_to_brain_edge(brain, spacing, points)
+    np.testing.assert_allclose(got, [expected[p] for p in points], rtol=0, atol=1e-9)
+    assert (got > 0).sum() > 50  # most points lie in the brain, some far from its edge
