@@ -227,7 +227,9 @@ class Detector:
         chance, spread = classifier.predict(candidates.features)
         cutoff = classifier.cutoff(settings.operating_point)
         called = np.flatnonzero(chance >= cutoff) + 1
-        kept = np.isin(candidates.labels, called)
+        is_called = np.zeros(len(chance) + 1, bool)
+        is_called[called] = True
+        kept = is_called[candidates.labels]  # a lookup: np.isin sorts the whole volume
         # A called candidate stays a lesion whatever its outline's size: the classifier judged it on its patch,
         # and a PRL whose stage-1 outline is a small piece of its rim is still a PRL (candidates are already
         # at least the classifier's minimum size).
