@@ -142,6 +142,23 @@ def openvino_network(network: torch.nn.Module, channels: int, patch: tuple[int, 
     return run
 
 
+def _trainer_network(trainer_name: str, plans_manager, configuration_manager, channels: int, heads: int):
+    """The network a custom nnU-Net trainer class builds (its module is imported to find the class)."""
+    import inspect
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+    if trainer_class is None:
+        raise ValueError(f"nnU-Net has no trainer '{trainer_name}'")
+    if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
+        return trainer_class.build_network_architecture(
+            plans_manager, configuration_manager, channels, heads, enable_deep_supervision=False)
+    return trainer_class.build_network_architecture(
+        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import, channels, heads, enable_deep_supervision=False)
+
+
 def _make_predictor_class():
     # The methods below override private ones of nnU-Net's predictor: only the release they were written for.
     check_nnunet_version()
@@ -168,10 +185,7 @@ def _make_predictor_class():
         def initialize_from_checkpoints(self, model: ModelInfo, checkpoints: dict[str, dict]) -> None:
             """nnU-Net's ``initialize_from_trained_model_folder`` on checkpoints already loaded as weights
             only (:func:`load_checkpoints`): nnU-Net's own loader unpickles with ``weights_only=False``."""
-            import inspect
-
             from batchgenerators.utilities.file_and_folder_operations import load_json
-            from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
             from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
             from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -179,19 +193,20 @@ def _make_predictor_class():
             plans_manager = PlansManager(load_json(str(model.path / "plans.json")))
             first = checkpoints[model.folds[0]]
             configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
-            trainer_class = recursive_find_trainer_class_by_name(first["trainer_name"])
-            if trainer_class is None:
-                raise ValueError(f"nnU-Net has no trainer '{first['trainer_name']}'")
             channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
             heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-            if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
-                network = trainer_class.build_network_architecture(
-                    plans_manager, configuration_manager, channels, heads, enable_deep_supervision=False)
-            else:
-                network = trainer_class.build_network_architecture(
+            if first["trainer_name"] == "nnUNetTrainer":
+                # What nnUNetTrainer.build_network_architecture does, without importing the trainer module: it
+                # brings nnU-Net's whole training stack (matplotlib, seaborn, sympy, scikit-image, pydicom ...:
+                # ~150 MB of the process's peak) for one static method.
+                from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+                network = get_network_from_plans(
                     configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-                    configuration_manager.network_arch_init_kwargs_req_import, channels, heads,
-                    enable_deep_supervision=False)
+                    configuration_manager.network_arch_init_kwargs_req_import, channels, heads, allow_init=True,
+                    deep_supervision=False)
+            else:
+                network = _trainer_network(first["trainer_name"], plans_manager, configuration_manager, channels, heads)
             parameters = [checkpoints[fold]["network_weights"] for fold in model.folds]
             network.load_state_dict(parameters[0])
             self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
