@@ -6,9 +6,9 @@ Both learn from the training patients' candidates (stage 1 of the given model, c
 ``evaluate_stage2.sh``): candidate-level PR-AUC, and sensitivity / precision at a calibrated 0.5. The CNN sees
 the patch stage 2's measures start from (±12 mm at 0.75 mm isotropic, patient axes, centred on the candidate's
 centroid): QSM in ppm, stage 1's probability, and FLAIR when the model reads it; flips and in-plane quarter
-turns (B0 stays along S–I) as augmentation; an ensemble of 3 seeds. Nothing here ships; it prints figures.
+turns (B0 stays along S–I) as augmentation; an ensemble of 2 seeds. Nothing here ships; it prints figures.
 
-Usage: .venv/bin/python Testing/Scripts/compare_patch_cnn.py WORK MODEL_FOLDER [--epochs 30]
+Usage: .venv/bin/python Testing/Scripts/compare_patch_cnn.py WORK MODEL_FOLDER [--epochs 20]
   WORK holds train_used/, train_s1/, test/ and test_s1/ (the stage-2 scripts' work folder).
 """
 
@@ -79,12 +79,14 @@ class PatchNet(torch.nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
 
-        def block(a, b):
-            return torch.nn.Sequential(torch.nn.Conv3d(a, b, 3, padding=1), torch.nn.InstanceNorm3d(b, affine=True),
-                                       torch.nn.LeakyReLU(0.01), torch.nn.Conv3d(b, b, 3, padding=1),
-                                       torch.nn.InstanceNorm3d(b, affine=True), torch.nn.LeakyReLU(0.01))
-        self.features = torch.nn.Sequential(block(channels, 16), torch.nn.MaxPool3d(2), block(16, 32),
-                                            torch.nn.MaxPool3d(2), block(32, 64), torch.nn.AdaptiveAvgPool3d(1))
+        def block(a, b, stride=1):
+            return torch.nn.Sequential(torch.nn.Conv3d(a, b, 3, stride=stride, padding=1),
+                                       torch.nn.InstanceNorm3d(b, affine=True), torch.nn.LeakyReLU(0.01),
+                                       torch.nn.Conv3d(b, b, 3, padding=1), torch.nn.InstanceNorm3d(b, affine=True),
+                                       torch.nn.LeakyReLU(0.01))
+        # The first convolution reads the patch at full resolution and strides by 2 (17³): a CPU-sized net.
+        self.features = torch.nn.Sequential(block(channels, 16, stride=2), block(16, 32, stride=2),
+                                            block(32, 64, stride=2), torch.nn.AdaptiveAvgPool3d(1))
         self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(64, 1))
 
     def forward(self, x):
@@ -138,8 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("work", type=Path)
     parser.add_argument("model")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = resolve_model(args.model)
