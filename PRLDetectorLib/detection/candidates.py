@@ -374,7 +374,8 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     if n == 0:
         return CandidateSet(labels, np.zeros((0, len(FEATURE_NAMES)), np.float32), [])
     boxes = ndimage.find_objects(labels)
-    voxels = [np.argwhere(labels[box] == i) + np.array([s.start for s in box]) for i, box in enumerate(boxes, start=1)]
+    insides = [labels[box] == i for i, box in enumerate(boxes, start=1)]
+    voxels = [np.argwhere(inside) + np.array([s.start for s in box]) for inside, box in zip(insides, boxes, strict=True)]
     centroids = [index.mean(axis=0) for index in voxels]
     edge_mm = distances_to_brain_edge(
         brain_np, spacing_zyx, [tuple(np.clip(np.rint(c).astype(int), 0, np.array(q.shape) - 1)) for c in centroids])
@@ -386,8 +387,7 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     rows, sources = [], []
     voxel_mm3 = float(np.prod(spacing_xyz))
     for i, box in enumerate(boxes, start=1):
-        inside = labels[box] == i
-        index, centroid = voxels[i - 1], centroids[i - 1]
+        inside, index, centroid = insides[i - 1], voxels[i - 1], centroids[i - 1]
         p = probability[box][inside]
         centre = np.array(qsm.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centroid[::-1])))
         extent = (index.max(0) - index.min(0) + 1) * spacing_zyx

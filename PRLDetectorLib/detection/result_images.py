@@ -35,8 +35,10 @@ class ResultImages:
     flair_window: tuple[float, float] | None
 
 
-def read_result_images(result_dir: str | Path, record: dict, flair_path: str | Path | None = None) -> ResultImages:
-    """The QSM detection read, and FLAIR (the recorded one, or ``flair_path``) on the QSM grid.
+def read_result_images(result_dir: str | Path, record: dict, flair_path: str | Path | None = None,
+                       qsm_path: str | Path | None = None) -> ResultImages:
+    """The QSM detection read (from the recorded path, or ``qsm_path``: the same QSM moved), and FLAIR (the
+    recorded one, or ``flair_path``) on the QSM grid.
 
     A FLAIR that detection used is placed exactly as detection recorded it; another FLAIR (a QSM-only
     model's patient may have one) is aligned as detection would align it (the alignment is deterministic).
@@ -44,9 +46,9 @@ def read_result_images(result_dir: str | Path, record: dict, flair_path: str | P
     from PRLDetectorLib.detection.images import head_mask, read_image
 
     inputs = record.get("inputs", {})
-    if "qsm" not in inputs:
+    if qsm_path is None and "qsm" not in inputs:
         raise InputError(f"{Path(result_dir) / RESULT_MARKER} names no QSM input; run detection again for this patient.")
-    qsm_path = Path(inputs["qsm"]["path"])
+    qsm_path = Path(qsm_path or inputs["qsm"]["path"])
     if not qsm_path.exists():
         raise InputError(
             f"The QSM of '{result_dir}' is no longer at {qsm_path}; put it back there (burden.json records that path)."

@@ -557,14 +557,11 @@ class SceneLogic:
 
         folder = Path(folder)
         record = read_record(folder)
-        if qsm_path is not None:
-            record = {**record, "inputs": {**record.get("inputs", {}),
-                                           "qsm": {**record.get("inputs", {}).get("qsm", {}), "path": str(qsm_path)}}}
         for name in (SEGMENTATION_NAME, LESIONS_NAME):
             if not (folder / name).is_file():
                 raise InputError(f"'{folder}' holds no {name}; it is not a complete PRLDetector result.")
         rows = read_lesions_csv(folder / LESIONS_NAME)
-        images = read_result_images(folder, record)
+        images = read_result_images(folder, record, qsm_path=qsm_path)
         case = folder.name
         added = []
         try:

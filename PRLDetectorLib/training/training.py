@@ -255,9 +255,9 @@ def run_training_job(
     plans_name = SMALL_PLANS if small else DEFAULT_PLANS
     start_model = None
     if init_from is not None:
-        from PRLDetectorLib.detection.models import resolve_model
+        from PRLDetectorLib.detection.models import fingerprint, resolve_model
 
-        start_model = resolve_model(init_from)
+        start_model = fingerprint(resolve_model(init_from))  # its checkpoint's sha256 goes on the new card
         if ("flair" in start_model.channels) != with_flair:
             raise InputError(f"The model '{start_model.name}' reads {' + '.join(c.upper() for c in start_model.channels)}"
                              f" but {'QSM + FLAIR' if with_flair else 'QSM only'} was asked for; fine-tune a model with "
@@ -278,20 +278,10 @@ def run_training_job(
             plan_and_preprocess(folders, dataset_id)
     train(folders, dataset_id, plans_name, epochs, iterations_per_epoch, val_iterations, fold, seed, device,
           resume_from=resume_from, save_every=save_every, start_model=start_model)
-    model = export_trained_model(work_dir, dataset_id, model_out, name, "final", fold, cases_dir=cases_dir, seed=seed)
-    if start_model is not None:
-        card_path = model / "model.json"
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        card["training"]["started_from"] = {"model": start_model.path.name,
-                                            "checkpoint_sha256": fingerprint_of(start_model)}
-        card_path.write_text(json.dumps(card, indent=2), encoding="utf-8")
-    return model
-
-
-def fingerprint_of(model) -> str | None:
-    from PRLDetectorLib.detection.models import fingerprint
-
-    return fingerprint(model).checkpoint_sha256
+    started_from = ({"model": start_model.path.name, "checkpoint_sha256": start_model.checkpoint_sha256}
+                    if start_model is not None else None)
+    return export_trained_model(work_dir, dataset_id, model_out, name, "final", fold, cases_dir=cases_dir, seed=seed,
+                                started_from=started_from)
 
 
 def interrupted_run(folders: TrainingFolders, dataset_id: int, plans_name: str,
@@ -313,10 +303,10 @@ def interrupted_run(folders: TrainingFolders, dataset_id: int, plans_name: str,
 
 def export_trained_model(
     work_dir: Path, dataset_id: int, model_out: Path, name: str, checkpoint: str = "final", fold: int | str = 0,
-    cases_dir: Path | None = None, seed: int | None = None,
+    cases_dir: Path | None = None, seed: int | None = None, started_from: dict | None = None,
 ) -> Path:
     """Export a trained (or still training: ``checkpoint="latest"``) nnU-Net run as a model folder with its
-    card and training curve."""
+    card and training curve. ``started_from``: the model a fine-tuning started from (name, checkpoint sha256)."""
     import torch
 
     from PRLDetectorLib import __version__
@@ -356,6 +346,8 @@ def export_trained_model(
         },
         "orientation": _training_orientation(folders.raw / results.name),
     }
+    if started_from is not None:
+        card["training"]["started_from"] = started_from
     model = export_model(trainer_dir, fold, Path(model_out), card, checkpoint=f"checkpoint_{checkpoint}.pth")
     write_training_curve(curve, model / "training_curve.csv")
     return model

@@ -39,11 +39,10 @@ MODES = (NO_CLASSIFIER, "sensitive", "balanced", "specific")
 TITLES = {"qsm": "QSM only", "qsm_flair": "QSM + FLAIR"}
 
 
-def predict(work: Path, model: str, mode: str, cases: list[Path]) -> Path:
-    label, _, folder = model.partition("=")
+def predict(work: Path, label: str, folder: str, mode: str, cases: list[Path]) -> Path:
     out = work / "pred" / f"{label}_{mode}"
     detector = Detector(DetectionSettings(model=folder or label, device="cpu", operating_point=mode))
-    for case in tqdm(cases, desc=f"{model} {mode}", unit="case"):
+    for case in tqdm(cases, desc=f"{label} {mode}", unit="case"):
         if (out / case.name / "burden.json").is_file():
             continue
         qsm, _ = validate_qsm(read_image(case / "qsm.nii.gz", "QSM"))
@@ -124,11 +123,11 @@ def main() -> None:
     args = parser.parse_args()
     cases = sorted(p for p in (args.work / "test").iterdir() if (p / "truth.json").is_file())
     figures: dict = {}
-    for model in args.models:
-        label = model.partition("=")[0]
+    labels = dict(model.partition("=")[::2] for model in args.models)  # label → model folder ("": bundled)
+    for label, folder in labels.items():
         evaluations = {}
         for mode in MODES:
-            pred = predict(args.work, model, mode, cases)
+            pred = predict(args.work, label, folder, mode, cases)
             evaluations[mode] = evaluate_folders(args.work / "test", pred)
         figures[label] = {mode: evaluations[mode].to_dict() for mode in MODES}
         figures[label]["pr_auc"] = pr_auc(args.work, args.work / "pred" / f"{label}_sensitive", cases)
@@ -138,7 +137,6 @@ def main() -> None:
     print("| model | stage 2 | lesion sensitivity | lesion precision | patient sensitivity (≥ 1) | "
           "patient specificity (≥ 1) | FP / patient |")
     print("|---|---|---|---|---|---|---|")
-    labels = {model.partition("=")[0]: model.partition("=")[2] for model in args.models}
     for model in labels:
         for mode in MODES:
             e = figures[model][mode]
