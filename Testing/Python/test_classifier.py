@@ -170,3 +170,22 @@ def test_the_distance_to_the_brain_edge_is_the_distance_transforms_at_each_point
     got = distances_to_brain_edge(brain, spacing, points)
     np.testing.assert_allclose(got, [expected[p] for p in points], rtol=0, atol=1e-9)
     assert (got > 0).sum() > 50  # most points lie in the brain, some far from its edge
+
+
+def test_candidates_are_the_components_in_cc3ds_order_without_the_small_ones():
+    import cc3d
+
+    from PRLDetectorLib.detection.candidates import find_candidates
+
+    rng = np.random.default_rng(7)
+    probability = (rng.random((40, 50, 45)) > 0.96).astype(np.float32) * 0.5
+    probability[5:12, 5:20, 5:9] = 0.9
+    for connectivity in (6, 26):
+        components, n = cc3d.connected_components(probability >= 0.2, connectivity=connectivity, return_N=True)
+        sizes = np.bincount(components.ravel(), minlength=n + 1) * 1.2  # 1 x 1 x 1.2 mm voxels
+        kept = [c for c in range(1, n + 1) if sizes[c] >= 3.0]
+        labels, count = find_candidates(probability, 0.2, (1.0, 1.0, 1.2), 3.0, None, connectivity)
+        assert count == len(kept) > 5 and labels.dtype == np.uint32
+        for new_id, component in enumerate(kept, start=1):
+            assert np.array_equal(labels == new_id, components == component)
+        assert not labels[~np.isin(components, kept)].any()

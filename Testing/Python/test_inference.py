@@ -137,3 +137,21 @@ def test_the_probability_from_one_resampled_difference_is_nnunets_softmax_export
     ours = foreground_probability(logits, predictor, properties)
     assert ours.shape == data.shape[1:] and ours.dtype == np.float32
     np.testing.assert_allclose(ours, probabilities[1], atol=1e-5, rtol=0)
+
+
+def test_loading_a_plain_nnunet_trainer_model_does_not_import_nnunets_training_stack():
+    """The network of an ``nnUNetTrainer`` checkpoint is built from its plan: the trainer module (and the
+    training stack it imports, ~50 MB of a detect's memory) stays out of the process (nnU-Net's predictor
+    itself imports a few light dataloading modules of ``nnunetv2.training``)."""
+    import subprocess
+    import sys
+
+    require_model("qsm")
+    code = ("import sys; from PRLDetectorLib.detection.inference import Segmenter; "
+            "from PRLDetectorLib.detection.models import resolve_model; "
+            "Segmenter(resolve_model('qsm'), device='cpu'); "
+            "print(sorted(m for m in sys.modules if m.startswith('nnunetv2.training.nnUNetTrainer') "
+            "or m in ('matplotlib', 'seaborn')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
