@@ -59,7 +59,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     flair = read_image(args.flair, "FLAIR") if args.flair else None
     if flair is not None:
         check_overlap(flair, qsm)  # before the model loads: an input problem whatever the model
-    detector = Detector(settings)
+    detector = Detector(settings, one_case=True)
     detector.check_inputs(flair is not None)
     with _progress_reporter(args.progress_lines, args.quiet, "detect") as progress:
         result = detector.detect(qsm, flair, progress)

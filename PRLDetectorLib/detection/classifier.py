@@ -36,7 +36,9 @@ __all__ = ["CLASSIFIER_DIR", "NO_CLASSIFIER", "OPERATING_POINTS", "LesionClassif
 class LesionClassifier:
     feature_names: tuple[str, ...]
     members: list
-    """lightgbm.Booster objects."""
+    """lightgbm.Booster objects, or their text models (as read: turned into boosters at the first
+    :meth:`predict`, so LightGBM and the scikit-learn it imports, ~50 MB, are not in memory during the
+    network pass)."""
     calibration_x: np.ndarray
     calibration_y: np.ndarray
     operating_points: dict[str, float]
@@ -64,9 +66,21 @@ class LesionClassifier:
                 f"{features.shape[-1] if features.ndim else 0}; use a classifier trained by this version.")
         if len(features) == 0:
             return np.zeros(0), np.zeros(0)
-        raw = np.stack([member.predict(features) for member in self.members])
+        raw = np.stack([member.predict(features) for member in self._boosters()])
         calibrated = np.interp(raw, self.calibration_x, self.calibration_y)
         return calibrated.mean(axis=0), calibrated.std(axis=0)
+
+    def _boosters(self) -> list:
+        if any(isinstance(member, str) for member in self.members):
+            import lightgbm
+
+            try:
+                self.members = [lightgbm.Booster(model_str=member) if isinstance(member, str) else member
+                                for member in self.members]
+            except lightgbm.basic.LightGBMError as error:
+                raise InputError(f"A member of the lesion classifier cannot be read ({error}); reinstall the "
+                                 "model.") from None
+        return self.members
 
     def cutoff(self, point: str) -> float:
         """The probability at or above which a candidate is called a PRL at operating point ``point``."""
@@ -82,7 +96,8 @@ class LesionClassifier:
         names = []
         for k, member in enumerate(self.members):
             name = f"member_{k}.txt"
-            (folder / name).write_text(member.model_to_string(), encoding="utf-8")
+            (folder / name).write_text(member if isinstance(member, str) else member.model_to_string(),
+                                       encoding="utf-8")
             names.append(name)
         card = {**self.card, "feature_names": list(self.feature_names), "members": names,
                 "calibration": {"x": [round(float(v), 6) for v in self.calibration_x],
@@ -94,18 +109,20 @@ class LesionClassifier:
 
 def load_classifier(folder: str | Path) -> LesionClassifier:
     """Read a classifier folder; refuse one whose features this version does not compute."""
-    import lightgbm
-
     folder = Path(folder)
     what = f"The lesion classifier in '{folder}'"
     try:
         card = json.loads((folder / CARD_NAME).read_text(encoding="utf-8"))
-        members = [lightgbm.Booster(model_str=(folder / Path(name).name).read_text(encoding="utf-8"))
-                   for name in card["members"]]
+        # Text models, checked for LightGBM's header and end here (a missing or cut file fails before any work)
+        # and parsed by LightGBM at the first prediction.
+        members = [(folder / Path(name).name).read_text(encoding="utf-8") for name in card["members"]]
+        for name, text in zip(card["members"], members, strict=True):
+            if not text.startswith("tree\n") or "end of trees" not in text:
+                raise ValueError(f"{Path(name).name} is not a whole LightGBM text model")
         calibration = card["calibration"]
         x, y = np.asarray(calibration["x"], float), np.asarray(calibration["y"], float)
         points = {str(k): float(v) for k, v in card["operating_points"].items()}
-    except (OSError, KeyError, TypeError, ValueError, lightgbm.basic.LightGBMError) as error:
+    except (OSError, KeyError, TypeError, ValueError) as error:
         raise InputError(f"{what} cannot be read ({type(error).__name__}: {error}); reinstall the model.") from None
     names = tuple(card.get("feature_names", ()))
     if names != FEATURE_NAMES:

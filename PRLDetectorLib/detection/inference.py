@@ -22,6 +22,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -97,7 +98,7 @@ def _free_device_memory(device: torch.device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand memory that freed arrays left in the C heap back to the system (glibc keeps it otherwise), so
     the next stage's peak does not stand on the last one's."""
     import ctypes
@@ -114,30 +115,137 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def openvino_network(network: torch.nn.Module, channels: int, patch: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The network compiled by OpenVINO for the CPU in float32 (its default on CPUs with AMX would be
-    bfloat16, which changes lesions), through an ONNX export; tiles in, float32 logits out."""
+CACHE_ENV = "PRLDETECTOR_CACHE_DIR"
+"""Folder for files PRL Detector can rebuild (the networks compiled for OpenVINO); empty string: no cache."""
+OPENVINO_FORMAT = 2
+"""Bumped when the exported network changes for the same weights (it is part of each cache entry's key)."""
+
+
+def cache_dir() -> Path | None:
+    """``$PRLDETECTOR_CACHE_DIR``, else the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``,
+    ``~/Library/Caches`` on macOS, ``%LOCALAPPDATA%`` on Windows) + ``prldetector``; None when set empty."""
+    import os
+    import sys
+
+    configured = os.environ.get(CACHE_ENV)
+    if configured is not None:
+        return Path(configured).expanduser() if configured.strip() else None
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    elif sys.platform.startswith("win"):
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "prldetector"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _export_openvino_ir(network: torch.nn.Module, channels: int, patch: tuple[int, ...], folder: Path) -> None:
+    """The network as OpenVINO IR (``network.xml`` + ``network.bin``, float32 weights) in ``folder``, through
+    an ONNX export, with ``record.json`` holding the weights file's sha256."""
+    import json
     import tempfile
-    from pathlib import Path
 
     import openvino
 
     network = network.to("cpu").eval()
-    with tempfile.TemporaryDirectory(prefix="prl-openvino-") as folder, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="prl-onnx-") as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on InstanceNorm (it always uses the tile's statistics)
-        path = Path(folder) / "network.onnx"
-        torch.onnx.export(network, torch.zeros(1, channels, *patch), str(path), input_names=["tiles"],
+        onnx_path = Path(scratch) / "network.onnx"
+        torch.onnx.export(network, torch.zeros(1, channels, *patch), str(onnx_path), input_names=["tiles"],
                           output_names=["logits"], dynamic_axes={"tiles": {0: "n"}, "logits": {0: "n"}},
                           opset_version=17, dynamo=False)
+        openvino.save_model(openvino.Core().read_model(str(onnx_path)), str(folder / "network.xml"),
+                            compress_to_fp16=False)
+    (folder / "record.json").write_text(json.dumps({"bin_sha256": _sha256(folder / "network.bin")}), encoding="utf-8")
+
+
+def _cached_ir_is_whole(folder: Path) -> bool:
+    import json
+
+    try:
+        record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+        return (folder / "network.xml").is_file() and record.get("bin_sha256") == _sha256(folder / "network.bin")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def openvino_ir(network: torch.nn.Module, channels: int, patch: tuple[int, ...], key: str | None,
+                scratch: Path) -> tuple[Path, bool]:
+    """Where the network's OpenVINO IR is, and whether it came from the cache.
+
+    With a ``key`` (what identifies the weights) and a writable :func:`cache_dir`, the IR is exported once
+    and kept there: later runs read it and never load PyTorch's ONNX exporter (~100 MB of the process's
+    peak, and ~3 s). An entry whose weights file does not match its record is exported again. Without
+    either, the IR is exported into ``scratch``.
+    """
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    import openvino
+
+    root = cache_dir() if key else None
+    if root is not None:
+        name = hashlib.sha256(
+            f"{OPENVINO_FORMAT} {key} {channels} {patch} {torch.__version__} {openvino.__version__}".encode()
+        ).hexdigest()[:32]
+        folder = root / "openvino" / name
+        if _cached_ir_is_whole(folder):
+            return folder / "network.xml", True
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+        except OSError as error:
+            logger.debug("No cache for the compiled network (%s); exporting it for this run only.", error)
+        else:
+            try:
+                _export_openvino_ir(network, channels, patch, staging)
+                if folder.exists():  # a broken entry (a whole one returned above), or another process's
+                    shutil.rmtree(folder, ignore_errors=True)
+                os.replace(staging, folder)
+            except OSError:
+                if not _cached_ir_is_whole(folder):
+                    raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            logger.info("Compiled the network for OpenVINO once; kept in %s", folder)
+            return folder / "network.xml", False
+    _export_openvino_ir(network, channels, patch, scratch)
+    return scratch / "network.xml", False
+
+
+def openvino_network(network: torch.nn.Module, channels: int, patch: tuple[int, ...], key: str | None = None
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network compiled by OpenVINO for the CPU in float32 (its default on CPUs with AMX would be
+    bfloat16, which changes lesions) for one tile per request (a fixed shape: faster than a dynamic batch,
+    see the README's table of CPU runtimes); tiles in, float32 logits out. ``key`` identifies the weights
+    for the cache of exported networks (:func:`openvino_ir`)."""
+    import tempfile
+
+    import openvino
+
+    with tempfile.TemporaryDirectory(prefix="prl-openvino-") as scratch:
+        path, cached = openvino_ir(network, channels, patch, key, Path(scratch))
         core = openvino.Core()
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+        model = core.read_model(str(path))
+        model.reshape([1, channels, *patch])
+        compiled = core.compile_model(model, "CPU", {
             "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
             "PERFORMANCE_HINT": "LATENCY",
         })
+    logger.debug("OpenVINO network %s", "read from the cache" if cached else "exported")
     request = compiled.create_infer_request()
 
     def run(tiles: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(request.infer({0: tiles.contiguous().numpy()})[0].copy())
+        outputs = [request.infer({0: tile[None].contiguous().numpy()})[0].copy() for tile in tiles]
+        return torch.from_numpy(np.concatenate(outputs))
 
     return run
 
@@ -181,6 +289,12 @@ def _make_predictor_class():
         ``pytorch``; a GPU always runs PyTorch."""
         _fold: int = 0
         _openvino: dict
+        weight_keys: tuple[str, ...] = ()
+        """Per fold, the sha256 of its checkpoint: the key of its compiled network in the cache."""
+
+        def release_runtime(self) -> None:
+            """Drop the networks compiled for OpenVINO (they are compiled again, from the cache, when needed)."""
+            self._openvino = {}
 
         def initialize_from_checkpoints(self, model: ModelInfo, checkpoints: dict[str, dict]) -> None:
             """nnU-Net's ``initialize_from_trained_model_folder`` on checkpoints already loaded as weights
@@ -233,8 +347,10 @@ def _make_predictor_class():
                 self._openvino = {}
             if self._fold not in self._openvino:
                 try:
+                    keys = self.weight_keys
                     self._openvino[self._fold] = openvino_network(
-                        self.network, len(self.dataset_json["channel_names"]), tuple(self.configuration_manager.patch_size)
+                        self.network, len(self.dataset_json["channel_names"]), tuple(self.configuration_manager.patch_size),
+                        keys[self._fold] if self._fold < len(keys) else None,
                     )
                 except Exception as error:  # an OpenVINO that cannot compile here must not stop the case
                     logger.warning("OpenVINO could not compile the network (%s: %s); PyTorch runs it instead.",
@@ -365,6 +481,9 @@ class Segmenter:
         self.tta = tta
         self.skip_empty_tiles = skip_empty_tiles
         self.last_tiles = TileStats()
+        self.keep_runtime = True
+        """Keep the network compiled for OpenVINO between cases; False frees it after each network pass
+        (one case: its memory is then free for the lesion stage and the writing)."""
         predictor_class = _make_predictor_class()
         with _quiet():
             self.predictor = predictor_class(
@@ -384,6 +503,7 @@ class Segmenter:
                     f"The model folder '{model.path}' could not be loaded by nnU-Net ({type(error).__name__}: "
                     f"{str(error)[:120]}); export the model again."
                 ) from None
+        self.predictor.weight_keys = tuple(model.checkpoint_hashes.get(fold, "") or "" for fold in model.folds)
         self.predictor.cpu_runtime = cpu_runtime if cpu_runtime != "auto" else (
             "openvino" if openvino_available() else "pytorch")
         self.orientation = model.card.get("orientation")
@@ -408,19 +528,24 @@ class Segmenter:
         preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
         if progress:
             progress(0.0, "Preprocessing (nnU-Net)")
+        return_freed_memory()  # what checking and reading the inputs freed
         with _quiet():
             pre, seg, properties = preprocessor.run_case_npy(
                 data, None, properties, predictor.plans_manager, predictor.configuration_manager,
                 predictor.dataset_json,
             )
         predictor.brain = seg[0] >= 0  # nnU-Net's non-zero mask (-1 outside it), on the network grid
-        _return_freed_memory()  # preprocessing's float64 copies, before the network pass adds its own
+        del data, seg  # the network pass needs neither (one volume each, held through it otherwise)
+        return_freed_memory()  # preprocessing's float64 copies, before the network pass adds its own
         predictor.skip_tiles = self.skip_empty_tiles
         predictor.on_tile = (lambda done, total: progress(done / total, f"Network tile {done}/{total}")) if progress else None
         with _quiet():
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(pre)).cpu()
-        del data, pre, seg
-        _return_freed_memory()
+        del pre
+        predictor.brain = None
+        if not self.keep_runtime:
+            predictor.release_runtime()
+        return_freed_memory()
         self.last_tiles = predictor.stats
         logger.info("Sliding window: %d of %d tiles hold brain and were run", predictor.stats.run, predictor.stats.total)
         if progress:
@@ -428,6 +553,7 @@ class Segmenter:
         with _quiet():
             foreground = foreground_probability(logits, predictor, properties)
         del logits
+        return_freed_memory()
         out = sitk.GetImageFromArray(foreground)
         out.CopyInformation(reference)
         if self.orientation and self.orientation != original_orientation:

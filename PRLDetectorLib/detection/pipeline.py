@@ -37,7 +37,7 @@ from PRLDetectorLib.detection.images import (
     validate_flair,
     validate_qsm,
 )
-from PRLDetectorLib.detection.inference import Segmenter
+from PRLDetectorLib.detection.inference import Segmenter, return_freed_memory
 from PRLDetectorLib.detection.lesions import find_lesions, relabel_consecutive
 from PRLDetectorLib.detection.models import ModelInfo, check_channels, resolve_model
 from PRLDetectorLib.detection.registration import Alignment, flair_channel
@@ -123,11 +123,15 @@ def _image_like(values: np.ndarray, reference: sitk.Image) -> sitk.Image:
 class Detector:
     """A loaded PRL model and the settings to run it with."""
 
-    def __init__(self, settings: DetectionSettings | None = None, extra_model_dirs: list[Path] | None = None):
+    def __init__(self, settings: DetectionSettings | None = None, extra_model_dirs: list[Path] | None = None,
+                 one_case: bool = False):
+        """``one_case``: the detector runs a single case (``prl-detect detect``), so the network compiled for
+        the CPU runtime is freed as soon as the network pass is done, for the lesion stage and the writing."""
         self.settings = settings or DetectionSettings()
         self.settings.validate()
         model = resolve_model(self.settings.model, extra_model_dirs)
         self.segmenter = Segmenter(model, device=self.settings.device, tta=self.settings.tta)
+        self.segmenter.keep_runtime = not one_case
         self.model = self.segmenter.model  # with the sha256 of the checkpoints it loaded
         self.classifier: LesionClassifier | None = None
         if self.settings.operating_point != NO_CLASSIFIER:
@@ -168,6 +172,7 @@ class Detector:
         if progress:
             progress(0.92, "Splitting lesions and measuring them")
         labels, lesions, stage2 = self.lesions_from_probability(qsm, probability, channels.get("flair"))
+        return_freed_memory()  # the lesion stage's working arrays, before the result is written
         if stage2 is not None:
             timings["stage2_s"] = stage2.seconds
         burden = compute_burden(lesions)

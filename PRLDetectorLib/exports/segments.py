@@ -53,8 +53,11 @@ def write_seg_nrrd(labels: sitk.Image, path: str | Path, names: dict[int, str] |
     from scipy import ndimage
 
     ids_array = sitk.GetArrayViewFromImage(labels)  # z, y, x
-    # i, j, k as NRRD stores them; integer ids (a label image may come as float from another tool)
-    voxels = np.ascontiguousarray(ids_array.transpose(2, 1, 0)).astype(np.int64, copy=False)
+    top = int(ids_array.max()) if ids_array.size else 0
+    dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32
+    # i, j, k as NRRD stores them, in the smallest integer type that holds the ids (a label image may come as
+    # float from another tool): one copy of the volume at one or two bytes a voxel.
+    voxels = np.ascontiguousarray(ids_array.transpose(2, 1, 0), dtype=dtype)
     # One pass over the volume for every lesion's bounding box (index lesion_id - 1; None: id not present).
     boxes = ndimage.find_objects(voxels)
     segments = []
@@ -72,9 +75,8 @@ def write_seg_nrrd(labels: sitk.Image, path: str | Path, names: dict[int, str] |
             "extent": extent,
             "tags": {"TerminologyEntry": PRL_TERMINOLOGY, "Segmentation.Status": "inprogress"},
         })
-    dtype = np.uint8 if (max(ids) if ids else 0) < 256 else np.uint16
     segmentation = {
-        "voxels": voxels.astype(dtype),
+        "voxels": voxels,
         "ijkToLPS": ijk_to_lps(labels),
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],

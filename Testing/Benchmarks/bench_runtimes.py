@@ -134,6 +134,13 @@ def candidates(network: torch.nn.Module, example: torch.Tensor, only: set[str] |
 
     add("OpenVINO float32", openvino("f32"))
     add("OpenVINO bfloat16 (its default on AMX)", openvino("bf16"))
+
+    def shipped() -> Runner:
+        from PRLDetectorLib.detection.inference import openvino_network
+
+        return openvino_network(network, example.shape[1], tuple(example.shape[2:]))
+
+    add("OpenVINO float32, fixed 1-tile shape (shipped)", shipped)
     return out
 
 

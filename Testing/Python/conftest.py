@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Two CPU cores in CI: keep torch from oversubscribing them when nnU-Net runs in-process.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Networks compiled for OpenVINO are cached per user; the tests keep theirs apart (and start without one).
+os.environ.setdefault("PRLDETECTOR_CACHE_DIR", tempfile.mkdtemp(prefix="prl-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_EXTENT_MM = (96.0, 112.0, 72.0)

@@ -142,6 +142,29 @@ def test_a_classifier_with_other_features_is_refused_with_a_sentence(trained, tm
         load_classifier(folder)
 
 
+def test_a_cut_member_is_refused_at_load_before_any_work_and_lightgbm_waits_for_the_first_prediction(
+        trained, tmp_path):
+    import subprocess
+    import sys
+
+    classifier, examples, _ = trained
+    (tmp_path / "model").mkdir()
+    folder = save_classifier(classifier, examples, tmp_path / "model")
+    # LightGBM (and the scikit-learn it imports, ~50 MB) is not loaded by loading the classifier, only by its
+    # first prediction: a fresh process shows it.
+    script = ("import sys; from PRLDetectorLib.detection.classifier import load_classifier\n"
+              f"c = load_classifier({str(folder)!r}); before = 'lightgbm' in sys.modules\n"
+              f"import numpy as np; c.predict(np.zeros((2, {len(FEATURE_NAMES)}))); print(before, 'lightgbm' in sys.modules)")
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.split() == ["False", "True"]
+    member = folder / "member_1.txt"
+    member.write_text(member.read_text()[: member.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"member_1.txt is not a whole LightGBM text model.*reinstall the model"):
+        load_classifier(folder)
+
+
 def test_too_few_examples_are_refused():
     few = Examples(np.zeros((4, len(FEATURE_NAMES)), np.float32), np.array([1, 0, 1, 0]),
                    np.array(["a", "a", "b", "b"], object), np.ones(4))
@@ -185,7 +208,177 @@ def test_candidates_are_the_components_in_cc3ds_order_without_the_small_ones():
         sizes = np.bincount(components.ravel(), minlength=n + 1) * 1.2  # 1 x 1 x 1.2 mm voxels
         kept = [c for c in range(1, n + 1) if sizes[c] >= 3.0]
         labels, count = find_candidates(probability, 0.2, (1.0, 1.0, 1.2), 3.0, None, connectivity)
-        assert count == len(kept) > 5 and labels.dtype == np.uint32
+        assert count == len(kept) > 5 and labels.dtype == np.uint16
         for new_id, component in enumerate(kept, start=1):
             assert np.array_equal(labels == new_id, components == component)
         assert not labels[~np.isin(components, kept)].any()
+
+
+# The fast paths of stage 2's patch measures against straightforward references (the code the shipped classifiers'
+# features were first computed with): the classifiers were trained on these exact values.
+
+def _reference_ring_centre(patch, brain, step=0.75, search_mm=3.0):
+    """ring_centre as first written: seven full-size fftconvolve passes over the whole patch."""
+    from scipy.signal import fftconvolve
+
+    from PRLDetectorLib.detection.candidates import _CORE_KERNEL, _RING_KERNELS, _radius_grid
+
+    values = np.where(brain, patch, np.nan)
+    filled = np.where(brain, patch, np.nanmedian(values) if brain.any() else 0.0).astype(np.float32)
+    core = fftconvolve(filled, _CORE_KERNEL, mode="same")
+    score = np.max([fftconvolve(filled, k, mode="same") for k in _RING_KERNELS], axis=0) - core
+    n = patch.shape[0]
+    allowed = (_radius_grid(n, step) <= search_mm) & brain
+    if not allowed.any():
+        return np.zeros(3), filled, score
+    best = np.array(np.unravel_index(int(np.argmax(np.where(allowed, score, -np.inf))), score.shape), float)
+    return (best - (n - 1) / 2) * step, filled, score
+
+
+def _reference_largest_run(flags, neighbours):
+    seen = np.zeros(flags.size, bool)
+    best = 0
+    for start in np.flatnonzero(flags):
+        if seen[start]:
+            continue
+        stack, size = [start], 0
+        seen[start] = True
+        while stack:
+            i = stack.pop()
+            size += 1
+            for j in neighbours[i]:
+                if flags[j] and not seen[j]:
+                    seen[j] = True
+                    stack.append(j)
+        best = max(best, size)
+    return best
+
+
+def _reference_ray_features(patch, inside, ref, sd, core):
+    """_ray_features as first written: a Python list per ray for what lies beyond its peak."""
+    from scipy import ndimage
+
+    from PRLDetectorLib.detection import candidates as c
+
+    n = patch.shape[0]
+    radii = np.arange(1, int(c.RAY_MAX_MM / c.RAY_STEP_MM) + 1) * c.RAY_STEP_MM
+    coords = (n - 1) / 2 + (c._DIRECTIONS[:, None, ::-1] * radii[None, :, None]) / c.PATCH_STEP_MM
+    values = ndimage.map_coordinates(np.where(inside, patch, ref), coords.reshape(-1, 3).T, order=1)
+    values = values.reshape(len(c._DIRECTIONS), len(radii)) - ref
+    zone = (radii >= 1.5) & (radii <= 8.0)
+    peak_index = np.argmax(np.where(zone[None, :], values, -np.inf), axis=1)
+    peak = values[np.arange(len(values)), peak_index]
+    peak_r = radii[peak_index]
+    outer = np.array([values[i, (radii >= peak_r[i] + 1.5) & (radii <= peak_r[i] + 3.5)].mean()
+                      if np.any((radii >= peak_r[i] + 1.5) & (radii <= peak_r[i] + 3.5)) else values[i, -1]
+                      for i in range(len(values))])
+    contrast = peak - max(0.0 if np.isnan(core) else core, 0.0)
+    drop = peak - outer
+    f = []
+    for flags in [(contrast > d) & (drop > d / 2) & (peak > d) for d in c.RIM_DELTAS_PPM] + [
+            (contrast > d * sd) & (drop > d * sd / 2) & (peak > d * sd) for d in c.RIM_DELTAS_SD]:
+        f += [float(flags.mean()), _reference_largest_run(flags, c._NEIGHBOURS) / len(flags)]
+    qs = np.percentile(contrast, (10, 25, 50, 75, 90))
+    f += list(qs) + list(qs / sd)
+    for share in c.RIM_SHARES:
+        flags = (contrast >= share * max(float(qs[-1]), 1e-4)) & (drop > 0) & (peak > 0)
+        f += [float(flags.mean()), _reference_largest_run(flags, c._NEIGHBOURS) / len(flags)]
+    return f + [float(np.median(peak_r)), float(np.std(peak_r)), float(np.median(drop))]
+
+
+@pytest.fixture(scope="module")
+def phantom_patches():
+    """QSM and brain patches of a phantom at its lesions' centroids and a few mm off them (some reach the brain's
+    edge), sampled as find_case_candidates samples them."""
+    from scipy import ndimage
+
+    from PRLDetectorLib.detection.candidates import BrainPatchSampler, PatchSampler
+
+    case = generate_case("case_patches", 33, extent_mm=EXTENT_MM, n_prl=3)
+    instances = sitk.GetArrayFromImage(case.gt_instances)
+    q = sitk.GetArrayFromImage(case.qsm)
+    brain = (q != 0) & np.isfinite(q)
+    qsm_patches, brain_patches = PatchSampler(case.qsm), BrainPatchSampler(brain, case.qsm)
+    plain_brain_patches = PatchSampler(sitk.Cast(sitk.GetImageFromArray(brain.astype(np.float32)), sitk.sitkFloat32))
+    plain_brain_patches.image.CopyInformation(case.qsm)
+    centroids = ndimage.center_of_mass(instances > 0, instances, range(1, int(instances.max()) + 1))
+    rng = np.random.default_rng(3)
+    patches = []
+    for centroid in centroids:
+        point = np.array(case.qsm.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centroid[::-1])))
+        for shift in (np.zeros(3), rng.uniform(-4, 4, 3), rng.uniform(-25, 25, 3)):
+            patches.append((qsm_patches(point + shift), brain_patches(point + shift),
+                            plain_brain_patches(point + shift)))
+    return patches
+
+
+def test_the_ring_centre_and_its_scores_are_those_of_seven_full_fftconvolve_passes(phantom_patches):
+    from PRLDetectorLib.detection.candidates import ring_centre, ring_scores
+
+    moved = 0
+    for patch, brain, _ in phantom_patches:
+        inside = brain > 0.5
+        expected, filled, score = _reference_ring_centre(patch, inside)
+        assert np.array_equal(ring_centre(patch, inside), expected)
+        moved += bool(expected.any())
+        if inside.any():
+            cube = (slice(12, 21),) * 3
+            scale = np.abs(score[cube]).max()
+            assert np.abs(ring_scores(filled, 4) - score[cube]).max() <= 1e-5 * scale
+    assert moved >= 5  # the search does move the centre, so the comparison is not of zeros
+
+
+def test_the_brain_patch_shortcut_gives_the_resampled_mask_to_the_bit(phantom_patches):
+    kinds = set()
+    for _, brain, plain in phantom_patches:
+        assert np.array_equal(brain, plain)
+        kinds.add(bool(plain.min() == 1.0))
+    assert kinds == {True, False}  # deep in the brain and at its edge (or outside)
+
+
+def test_the_ray_features_are_those_of_the_plain_per_ray_loops(phantom_patches):
+    from PRLDetectorLib.detection.candidates import _radius_grid, _ray_features, _robust
+
+    r = _radius_grid(33, 0.75)
+    compared = 0
+    for patch, brain, _ in phantom_patches:
+        inside = brain > 0.5
+        if not (inside & (r < 1.6)).any():
+            continue
+        ref, sd = _robust(patch[inside & (r >= 7.0) & (r <= 12.0)])
+        core = float(patch[inside & (r < 1.6)].mean()) - ref
+        for scale in (1.0, 3.0):  # weak and strong rims: covers and contiguities both away from 0 and 1
+            got = _ray_features(patch * scale, inside, ref * scale, sd * scale, core * scale)
+            expected = _reference_ray_features(patch * scale, inside, ref * scale, sd * scale, core * scale)
+            assert got == expected  # the very same floats
+            compared += 1
+    assert compared >= 20
+
+
+def test_candidate_features_do_not_depend_on_how_many_threads_share_the_candidates():
+    case = generate_case("case_threads", 34, extent_mm=EXTENT_MM, n_prl=3)
+    one = find_case_candidates(case.qsm, stage1_like(case), None, threshold=0.2, min_mm3=5.0, workers=1)
+    three = find_case_candidates(case.qsm, stage1_like(case), None, threshold=0.2, min_mm3=5.0, workers=3)
+    assert one.count >= 5
+    assert np.array_equal(one.features, three.features, equal_nan=True)
+    assert np.array_equal(one.labels, three.labels) and one.sources == three.sources
+
+
+def test_the_brain_patch_shortcut_sees_a_hole_one_voxel_beyond_the_patch_edge():
+    from PRLDetectorLib.detection.candidates import BrainPatchSampler, PatchSampler
+
+    brain = np.ones((50, 60, 70), bool)
+    hole = np.array([25, 30, 20])  # (z, y, x)
+    brain[tuple(hole)] = False
+    image = sitk.GetImageFromArray(brain.astype(np.float32))
+    image.SetSpacing((0.9, 1.0, 1.1))
+    image.SetOrigin((-30.0, -20.0, 10.0))
+    shortcut, plain = BrainPatchSampler(brain, image), PatchSampler(image)
+    hole_lps = np.array(image.TransformIndexToPhysicalPoint(tuple(int(v) for v in hole[::-1])))
+    skipped = 0
+    for along in np.linspace(-1.6, 1.6, 17):  # the patch's low x edge from 1.6 mm short of the hole to past it
+        centre = hole_lps + np.array([12.0 + along, 0.0, 0.0])
+        got = shortcut(centre)
+        assert np.array_equal(got, plain(centre))
+        skipped += bool(got.min() == 1.0)
+    assert 0 < skipped < 17

@@ -155,3 +155,65 @@ def test_loading_a_plain_nnunet_trainer_model_does_not_import_nnunets_training_s
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_network_compiled_for_openvino_is_kept_per_weights_and_a_damaged_entry_is_rebuilt(
+        segmenter, tmp_path, monkeypatch):
+    from PRLDetectorLib.detection.inference import openvino_ir, openvino_network
+
+    monkeypatch.setenv("PRLDETECTOR_CACHE_DIR", str(tmp_path / "cache"))
+    predictor = segmenter.predictor
+    network, patch = predictor.network, tuple(predictor.configuration_manager.patch_size)
+    key = segmenter.model.checkpoint_hashes[segmenter.model.folds[0]]
+    path, cached = openvino_ir(network, 1, patch, key, tmp_path)
+    assert not cached and path.parent.parent == tmp_path / "cache" / "openvino"
+    entry = path.parent
+    again, cached = openvino_ir(network, 1, patch, key, tmp_path)
+    assert cached and again == path
+    # Another model's weights get another entry; no key (unknown weights) nothing in the cache.
+    assert openvino_ir(network, 1, patch, "f" * 64, tmp_path)[0].parent != entry
+    assert openvino_ir(network, 1, patch, None, tmp_path / "scratch_is_used")[0].parent == tmp_path / "scratch_is_used"
+    assert len(list((tmp_path / "cache" / "openvino").iterdir())) == 2
+
+    tiles = torch.from_numpy(np.random.default_rng(1).normal(size=(2, 1, *patch)).astype(np.float32))
+    with torch.inference_mode():
+        expected = network.to("cpu").eval()(tiles)
+    tolerance = 1e-5 * float(expected.abs().max())  # float32 with other convolution algorithms
+    from_cache = openvino_network(network, 1, patch, key)(tiles)
+    torch.testing.assert_close(from_cache, expected, rtol=0, atol=tolerance)
+
+    # A truncated weights file is not used: the entry is exported again and gives the same outputs.
+    weights = entry / "network.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    path, cached = openvino_ir(network, 1, patch, key, tmp_path)
+    assert not cached and path == entry / "network.xml"
+    torch.testing.assert_close(openvino_network(network, 1, patch, key)(tiles), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.slow
+def test_with_the_compiled_network_cached_a_case_never_loads_the_onnx_exporter(sparse_case, tmp_path):
+    # PyTorch's ONNX exporter costs ~100 MB of the process's peak (README, memory profile): a second process
+    # finds the network in the cache and leaves it unloaded.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = (
+        "import json, sys, SimpleITK as sitk\n"
+        "from PRLDetectorLib.detection.inference import Segmenter\n"
+        "from PRLDetectorLib.detection.models import resolve_model\n"
+        "s = Segmenter(resolve_model('qsm'), device='cpu', cpu_runtime='openvino')\n"
+        "p = s.predict([sitk.ReadImage(sys.argv[1])])\n"
+        "exporter = ('onnx', 'torch.onnx._internal.torchscript_exporter.symbolic_opset17')\n"
+        "print(json.dumps({'exporter': any(m in sys.modules for m in exporter),"
+        " 'max': float(sitk.GetArrayViewFromImage(p).max())}))\n"
+    )
+    env = {**os.environ, "PRLDETECTOR_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script, str(sparse_case)], env=env, check=True,
+                                      capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            for _ in range(2)]
+    assert runs[0]["exporter"] and not runs[1]["exporter"]
+    assert runs[0]["max"] == runs[1]["max"] > 0.5
