@@ -109,6 +109,26 @@ def find_lesions(
     return labels
 
 
+def keep_components(components: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The components whose ids are flagged in ``keep`` (indexed by id, ``keep[0]`` ignored), as the uint16
+    lesion map :func:`find_lesions` makes of them: 1..n largest first, ties in id order.
+
+    ``components`` must be connected components numbered in raster order of their first voxel (cc3d's order,
+    as :func:`~PRLDetectorLib.detection.candidates.find_candidates` keeps it), at the connectivity
+    ``find_lesions`` would use: then a kept component is one lesion of the kept mask and ids order them as
+    cc3d would. One lookup instead of a second connected-components pass over the volume.
+    """
+    counts = np.bincount(components.ravel(), minlength=len(keep))[: len(keep)]
+    kept = np.flatnonzero(keep)
+    kept = kept[kept > 0]
+    if kept.size > MAX_LESIONS:
+        raise InputError(f"{kept.size} lesions are more than a uint16 label map holds; raise the operating point.")
+    ranked = kept[np.argsort(-counts[kept], kind="stable")]
+    new_id = np.zeros(len(keep), dtype=np.uint16)
+    new_id[ranked] = np.arange(1, ranked.size + 1, dtype=np.uint16)
+    return new_id[components]
+
+
 def relabel_consecutive(labels: np.ndarray, by_volume: bool = False) -> np.ndarray:
     """Renumber the ids of an instance map to 1..n without gaps, as uint16.
 

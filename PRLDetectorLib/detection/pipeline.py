@@ -38,7 +38,7 @@ from PRLDetectorLib.detection.images import (
     validate_qsm,
 )
 from PRLDetectorLib.detection.inference import Segmenter, return_freed_memory
-from PRLDetectorLib.detection.lesions import find_lesions, relabel_consecutive
+from PRLDetectorLib.detection.lesions import find_lesions, keep_components, relabel_consecutive
 from PRLDetectorLib.detection.models import ModelInfo, check_channels, resolve_model
 from PRLDetectorLib.detection.registration import Alignment, flair_channel
 from PRLDetectorLib.errors import InputError
@@ -229,16 +229,17 @@ class Detector:
         candidates = find_case_candidates(
             qsm, probability, flair if classifier.flair_candidates else None, classifier.candidate_threshold,
             classifier.candidate_min_mm3, settings.connectivity)
+        return_freed_memory()  # the candidates' working volumes, before LightGBM loads (at the first case)
         chance, spread = classifier.predict(candidates.features)
         cutoff = classifier.cutoff(settings.operating_point)
         called = np.flatnonzero(chance >= cutoff) + 1
         is_called = np.zeros(len(chance) + 1, bool)
         is_called[called] = True
-        kept = is_called[candidates.labels]  # a lookup: np.isin sorts the whole volume
         # A called candidate stays a lesion whatever its outline's size: the classifier judged it on its patch,
         # and a PRL whose stage-1 outline is a small piece of its rim is still a PRL (candidates are already
-        # at least the classifier's minimum size).
-        labels = find_lesions(kept, qsm.GetSpacing(), 0.0, settings.connectivity)
+        # at least the classifier's minimum size). Candidates are components at this connectivity in cc3d's
+        # order, so the lesions are the called ones renumbered as find_lesions numbers them.
+        labels = keep_components(candidates.labels, is_called)
         stage2 = Stage2(settings.operating_point, cutoff, candidates, chance, spread,
                         _lesion_of_candidate(candidates.labels, labels), _classifier_record(classifier),
                         time.perf_counter() - started)
@@ -369,7 +370,10 @@ def write_result(
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite)
     with atomic_path(out_dir, folder=True, replace=overwrite) as staging:
-        sitk.WriteImage(sitk.Cast(result.labels, sitk.sitkUInt16), str(staging / LABELS_NAME), True)
+        labels = result.labels
+        if labels.GetPixelID() != sitk.sitkUInt16:
+            labels = sitk.Cast(labels, sitk.sitkUInt16)
+        sitk.WriteImage(labels, str(staging / LABELS_NAME), True)
         write_seg_nrrd(result.labels, staging / SEGMENTATION_NAME)
         write_lesions_csv(staging / LESIONS_NAME, result.lesions)
         if result.stage2 is not None:

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from PRLDetectorLib.detection.lesions import find_lesions, lesion_extents, relabel_consecutive
+from PRLDetectorLib.detection.lesions import find_lesions, keep_components, lesion_extents, relabel_consecutive
 from PRLDetectorLib.errors import InputError
 
 ISO = (1.0, 1.0, 1.0)
@@ -155,3 +155,23 @@ def test_lesion_extents_agree_with_scipy():
 def test_lesion_extents_of_an_empty_map_are_empty():
     extents = lesion_extents(np.zeros((3, 3, 3), np.uint16))
     assert len(extents) == 0 and extents.bbox_min_zyx.shape == (0, 3)
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_keeping_some_candidates_gives_the_map_find_lesions_makes_of_them(connectivity):
+    from PRLDetectorLib.detection.candidates import find_candidates
+
+    rng = np.random.default_rng(connectivity)
+    probability = ndimage.gaussian_filter(rng.random((40, 48, 44)), 1.0).astype(np.float32)
+    probability = (probability - probability.min()) / np.ptp(probability)
+    probability[3:6, 3:6, 3:6] = probability[10:13, 3:6, 3:6] = 1.0  # two of exactly equal size
+    candidates, n = find_candidates(probability, 0.62, (1.0, 1.0, 1.0), 0.0, None, connectivity)
+    assert n > 10
+    for trial in range(5):
+        keep = np.zeros(n + 1, bool)
+        keep[1:] = rng.random(n) < 0.5
+        keep[[1, 2]] = trial % 2 == 0  # sometimes both of the equal-size ones
+        expected = find_lesions(keep[candidates], (1.0, 1.0, 1.0), 0.0, connectivity)
+        kept = keep_components(candidates, keep)
+        assert kept.dtype == np.uint16 and kept.max() == keep[1:].sum()
+        np.testing.assert_array_equal(kept, expected)
