@@ -7,7 +7,12 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from PRLDetectorLib.detection.lesions import find_lesions, keep_components, lesion_extents, relabel_consecutive
+from PRLDetectorLib.detection.lesions import (
+    find_lesions,
+    keep_components,
+    lesion_extents,
+    relabel_consecutive,
+)
 from PRLDetectorLib.errors import InputError
 
 ISO = (1.0, 1.0, 1.0)
