@@ -12,7 +12,6 @@ with no core), FLAIR signal when FLAIR is there, distance to the brain edge, and
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,7 +21,7 @@ import scipy.fft as sfft
 import SimpleITK as sitk
 from scipy import ndimage
 
-from PRLDetectorLib.detection.features import _usable_cpus  # measure_lesions shares its lesions the same way
+from PRLDetectorLib.detection.features import map_in_threads  # as measure_lesions shares its lesions
 
 PATCH_STEP_MM = 0.75
 PATCH_HALF_MM = 12.0
@@ -174,6 +173,8 @@ def _shell_kernel(r_lo: float, r_hi: float, step: float) -> np.ndarray:
 
 _CORE_KERNEL = _shell_kernel(0.0, 1.6, PATCH_STEP_MM)
 _RING_KERNELS = [_shell_kernel(r, r + 1.5, PATCH_STEP_MM) for r in (1.5, 2.5, 3.5, 4.5, 5.5, 6.5)]
+_KERNEL_HALF = max(k.shape[0] for k in [*_RING_KERNELS, _CORE_KERNEL]) // 2
+"""Voxels the widest ring kernel reaches from its centre."""
 _RAY_RADII = np.arange(1, int(RAY_MAX_MM / RAY_STEP_MM) + 1) * RAY_STEP_MM
 _RAY_ZONE = (_RAY_RADII >= 1.5) & (_RAY_RADII <= 8.0)
 
@@ -247,7 +248,7 @@ def ring_scores(filled: np.ndarray, reach: int) -> np.ndarray:
     """
     n = filled.shape[0]
     centre = (n - 1) // 2
-    half = max(k.shape[0] for k in _RING_KERNELS + [_CORE_KERNEL]) // 2
+    half = _KERNEL_HALF
     width = 2 * (reach + half) + 1
     size = sfft.next_fast_len(width, real=True)
     window = np.zeros((size, size, size), np.float32)
@@ -284,7 +285,7 @@ def ring_centre(patch: np.ndarray, brain: np.ndarray, step: float = PATCH_STEP_M
     allowed = (_patch_geometry(n, step).r[cube] <= search_mm) & brain[cube]
     if not allowed.any():
         return np.zeros(3)
-    half = max(k.shape[0] for k in _RING_KERNELS + [_CORE_KERNEL]) // 2
+    half = _KERNEL_HALF
     seen = (slice(max(centre - reach - half, 0), centre + reach + half + 1),) * 3
     if brain[seen].all():
         filled = patch.astype(np.float32, copy=False)  # the fill value reaches no score that is looked at
@@ -588,13 +589,7 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     def features(i: int) -> np.ndarray:
         return candidate_features(qsm_patches, brain_patches, flair_patches, centres[i], stage1s[i])
 
-    workers = min(workers or min(_usable_cpus(), 4), n)
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            rows = list(pool.map(features, range(n)))
-    else:
-        rows = [features(i) for i in range(n)]
-    return CandidateSet(labels, np.stack(rows), sources)
+    return CandidateSet(labels, np.stack(map_in_threads(features, n, workers)), sources)
 
 
 def _as_float32(image: sitk.Image) -> sitk.Image:

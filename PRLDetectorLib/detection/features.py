@@ -155,14 +155,19 @@ def measure_lesions(
             extents, row, centroids_lps[row], labels, qsm, probability, grid, rim_mm, paramagnetic_delta_ppm
         )
 
-    workers = min(workers or min(_usable_cpus(), 4), len(extents))
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            lesions = list(pool.map(measure, range(len(extents))))
-    else:
-        lesions = [measure(row) for row in range(len(extents))]
+    lesions = map_in_threads(measure, len(extents), workers)
     logger.info("Measured %d lesion(s).", len(lesions))
     return lesions
+
+
+def map_in_threads(function, count: int, workers: int | None = None) -> list:
+    """``[function(i) for i in range(count)]``, shared by ``workers`` threads (default: one per usable CPU core,
+    at most 4); for work that releases the GIL (numpy, SimpleITK)."""
+    workers = min(workers or min(_usable_cpus(), 4), count)
+    if workers <= 1:
+        return [function(i) for i in range(count)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(function, range(count)))
 
 
 def _usable_cpus() -> int:

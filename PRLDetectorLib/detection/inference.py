@@ -29,6 +29,7 @@ import SimpleITK as sitk
 import torch
 
 from PRLDetectorLib.dependencies import check_nnunet_version
+from PRLDetectorLib.detection.images import file_sha256
 from PRLDetectorLib.detection.models import ModelInfo, load_checkpoints
 from PRLDetectorLib.errors import InputError
 
@@ -139,12 +140,6 @@ def cache_dir() -> Path | None:
     return base / "prldetector"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _export_openvino_ir(network: torch.nn.Module, channels: int, patch: tuple[int, ...], folder: Path) -> None:
     """The network as OpenVINO IR (``network.xml`` + ``network.bin``, float32 weights) in ``folder``, through
     an ONNX export, with ``record.json`` holding the weights file's sha256."""
@@ -162,7 +157,7 @@ def _export_openvino_ir(network: torch.nn.Module, channels: int, patch: tuple[in
                           opset_version=17, dynamo=False)
         openvino.save_model(openvino.Core().read_model(str(onnx_path)), str(folder / "network.xml"),
                             compress_to_fp16=False)
-    (folder / "record.json").write_text(json.dumps({"bin_sha256": _sha256(folder / "network.bin")}), encoding="utf-8")
+    (folder / "record.json").write_text(json.dumps({"bin_sha256": file_sha256(folder / "network.bin")}), encoding="utf-8")
 
 
 def _cached_ir_is_whole(folder: Path) -> bool:
@@ -170,7 +165,7 @@ def _cached_ir_is_whole(folder: Path) -> bool:
 
     try:
         record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
-        return (folder / "network.xml").is_file() and record.get("bin_sha256") == _sha256(folder / "network.bin")
+        return (folder / "network.xml").is_file() and record.get("bin_sha256") == file_sha256(folder / "network.bin")
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -347,10 +342,9 @@ def _make_predictor_class():
                 self._openvino = {}
             if self._fold not in self._openvino:
                 try:
-                    keys = self.weight_keys
                     self._openvino[self._fold] = openvino_network(
                         self.network, len(self.dataset_json["channel_names"]), tuple(self.configuration_manager.patch_size),
-                        keys[self._fold] if self._fold < len(keys) else None,
+                        self.weight_keys[self._fold] if self._fold < len(self.weight_keys) else None,
                     )
                 except Exception as error:  # an OpenVINO that cannot compile here must not stop the case
                     logger.warning("OpenVINO could not compile the network (%s: %s); PyTorch runs it instead.",

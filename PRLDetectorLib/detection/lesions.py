@@ -109,9 +109,10 @@ def find_lesions(
     return labels
 
 
-def keep_components(components: np.ndarray, keep: np.ndarray) -> np.ndarray:
+def keep_components(components: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The components whose ids are flagged in ``keep`` (indexed by id, ``keep[0]`` ignored), as the uint16
-    lesion map :func:`find_lesions` makes of them: 1..n largest first, ties in id order.
+    lesion map :func:`find_lesions` makes of them: 1..n largest first, ties in id order; and for each
+    component id 1.. the lesion id it became (0: not kept).
 
     ``components`` must be connected components numbered in raster order of their first voxel (cc3d's order,
     as :func:`~PRLDetectorLib.detection.candidates.find_candidates` keeps it), at the connectivity
@@ -126,7 +127,7 @@ def keep_components(components: np.ndarray, keep: np.ndarray) -> np.ndarray:
     ranked = kept[np.argsort(-counts[kept], kind="stable")]
     new_id = np.zeros(len(keep), dtype=np.uint16)
     new_id[ranked] = np.arange(1, ranked.size + 1, dtype=np.uint16)
-    return new_id[components]
+    return new_id[components], new_id[1:].astype(np.int64)
 
 
 def relabel_consecutive(labels: np.ndarray, by_volume: bool = False) -> np.ndarray:

@@ -239,9 +239,9 @@ class Detector:
         # and a PRL whose stage-1 outline is a small piece of its rim is still a PRL (candidates are already
         # at least the classifier's minimum size). Candidates are components at this connectivity in cc3d's
         # order, so the lesions are the called ones renumbered as find_lesions numbers them.
-        labels = keep_components(candidates.labels, is_called)
+        labels, lesion_of_candidate = keep_components(candidates.labels, is_called)
         stage2 = Stage2(settings.operating_point, cutoff, candidates, chance, spread,
-                        _lesion_of_candidate(candidates.labels, labels), _classifier_record(classifier),
+                        lesion_of_candidate, _classifier_record(classifier),
                         time.perf_counter() - started)
         logger.info("Lesion classifier (%s, p ≥ %.2f): %d of %d candidate(s) called PRL",
                     settings.operating_point, cutoff, len(called), candidates.count)

@@ -217,3 +217,23 @@ def test_with_the_compiled_network_cached_a_case_never_loads_the_onnx_exporter(s
             for _ in range(2)]
     assert runs[0]["exporter"] and not runs[1]["exporter"]
     assert runs[0]["max"] == runs[1]["max"] > 0.5
+
+
+def test_the_cache_folder_is_the_users_moves_with_its_variable_and_set_empty_is_off(tmp_path, monkeypatch):
+    import sys
+
+    from PRLDetectorLib.detection.inference import cache_dir, openvino_ir
+
+    monkeypatch.delenv("PRLDETECTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert cache_dir() == tmp_path / "xdg" / "prldetector"
+    monkeypatch.setenv("PRLDETECTOR_CACHE_DIR", str(tmp_path / "moved"))
+    assert cache_dir() == tmp_path / "moved"
+    monkeypatch.setenv("PRLDETECTOR_CACHE_DIR", "")
+    assert cache_dir() is None
+    # Off: a key is given, yet the network is exported for this run only and nothing is kept.
+    network = torch.nn.Conv3d(1, 2, 3, padding=1)
+    path, cached = openvino_ir(network, 1, (8, 8, 8), "a" * 64, tmp_path / "scratch")
+    assert path == tmp_path / "scratch" / "network.xml" and not cached
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "moved").exists()

@@ -177,6 +177,9 @@ def test_keeping_some_candidates_gives_the_map_find_lesions_makes_of_them(connec
         keep[1:] = rng.random(n) < 0.5
         keep[[1, 2]] = trial % 2 == 0  # sometimes both of the equal-size ones
         expected = find_lesions(keep[candidates], (1.0, 1.0, 1.0), 0.0, connectivity)
-        kept = keep_components(candidates, keep)
+        kept, lesion_of = keep_components(candidates, keep)
         assert kept.dtype == np.uint16 and kept.max() == keep[1:].sum()
         np.testing.assert_array_equal(kept, expected)
+        for component in range(1, n + 1):  # the lesion each candidate became, as the maps say
+            became = np.unique(kept[candidates == component])
+            assert list(became) == [lesion_of[component - 1]]
