@@ -33,6 +33,10 @@ def test_a_shipped_model_is_small_inference_only_and_described_by_its_card(name)
     assert card["checkpoint_sha256"] == file_sha256(checkpoint)
     assert card["channels"] == [c.upper() for c in MODELS[name]]
     assert card["training"]["epochs"] >= 1
+    # The card repeats what the classifier ships with: the same cut-offs, the same validation figures.
+    shipped = json.loads((path / "classifier" / "classifier.json").read_text(encoding="utf-8"))
+    for key in ("operating_points", "validation", "trained_on", "candidate_threshold"):
+        assert card["classifier"][key] == shipped[key], key
 
 
 @pytest.fixture(scope="module")
