@@ -12,6 +12,7 @@ with no core), FLAIR signal when FLAIR is there, distance to the brain edge, and
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -66,13 +67,20 @@ def _candidates_and_voxels(probability: np.ndarray, threshold: float, spacing_xy
     mask = probability >= threshold
     if flair_bright is not None:
         mask = mask | flair_bright
-    components, n = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=connectivity, return_N=True,
-                                              binary_image=True)
-    if n == 0:
-        return np.zeros(mask.shape, np.uint16), 0, []
-    # Count and renumber the foreground voxels only (a few per mille of the volume), in cc3d's order.
+    # Count and renumber the foreground voxels only (a few per mille of the volume), in cc3d's order; and label
+    # only the box around them: cropping keeps the raster order of the voxels, so cc3d numbers the components as
+    # it would on the whole volume, without a 4-byte id for every voxel of it.
     flat_index = np.flatnonzero(mask)
-    component_of_voxel = components.ravel()[flat_index]
+    if flat_index.size == 0:
+        return np.zeros(mask.shape, np.uint16), 0, []
+    index = np.unravel_index(flat_index, mask.shape)
+    lo = [int(axis.min()) for axis in index]
+    box = tuple(slice(a, int(axis.max()) + 1) for a, axis in zip(lo, index, strict=True))
+    components, n = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=connectivity,
+                                              return_N=True, binary_image=True)
+    local = np.ravel_multi_index(tuple(axis - a for axis, a in zip(index, lo, strict=True)), components.shape)
+    del index
+    component_of_voxel = components.ravel()[local]
     counts = np.bincount(component_of_voxel, minlength=n + 1)
     voxel_mm3 = float(np.prod(spacing_xyz))
     keep = counts * voxel_mm3 >= min_mm3
@@ -110,7 +118,7 @@ class PatchSampler:
     (the resampling releases the GIL). Every output voxel is computed alike whatever the thread count.
     """
 
-    def __init__(self, image: sitk.Image, default: float = 0.0, nearest: bool = False) -> None:
+    def __init__(self, image: sitk.Image | None, default: float = 0.0, nearest: bool = False) -> None:
         self.image = image
         self.default = default
         self.interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
@@ -136,25 +144,35 @@ class BrainPatchSampler(PatchSampler):
     Linear interpolation of a mask that is 1 at every voxel a patch's points read gives exactly 1.0 everywhere
     (a lerp between equal values returns them), so a patch whose whole footprint, with a voxel of margin,
     lies in the brain and in the image is known without resampling: most candidates sit deep in the brain.
+    The mask is copied into an ITK image only when a patch first needs resampling.
     """
 
     def __init__(self, brain: np.ndarray, reference: sitk.Image) -> None:
-        image = sitk.GetImageFromArray(brain.view(np.uint8))  # read as the same 0.0 / 1.0 as floats would be
-        image.CopyInformation(reference)
-        super().__init__(image)
+        super().__init__(None)
         self.brain = brain
+        self.reference = reference
+        self._lock = threading.Lock()
+
+    def _mask_image(self) -> sitk.Image:
+        with self._lock:
+            if self.image is None:
+                image = sitk.GetImageFromArray(self.brain.view(np.uint8))  # read as the same 0.0 / 1.0 as floats
+                image.CopyInformation(self.reference)
+                self.image = image
+            return self.image
 
     def __call__(self, centre_lps: np.ndarray, half_mm: float = PATCH_HALF_MM, step: float = PATCH_STEP_MM
                  ) -> np.ndarray:
         n = int(round(2 * half_mm / step)) + 1
         first = np.asarray(centre_lps, float) - half_mm
-        corners = [self.image.TransformPhysicalPointToContinuousIndex(tuple(first + (n - 1) * step * np.array(corner)))
-                   for corner in np.ndindex(2, 2, 2)]
+        corners = [self.reference.TransformPhysicalPointToContinuousIndex(
+            tuple(first + (n - 1) * step * np.array(corner))) for corner in np.ndindex(2, 2, 2)]
         lo = np.floor(np.min(corners, axis=0)).astype(int) - 1  # (x, y, z)
         hi = np.ceil(np.max(corners, axis=0)).astype(int) + 1
-        inside_image = (lo >= 0).all() and (hi < np.array(self.image.GetSize())).all()
+        inside_image = (lo >= 0).all() and (hi < np.array(self.reference.GetSize())).all()
         if inside_image and self.brain[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1].all():
             return np.ones((n, n, n), np.float32)
+        self._mask_image()
         return super().__call__(centre_lps, half_mm, step)
 
 
@@ -515,7 +533,10 @@ def distances_to_brain_edge(brain: np.ndarray, spacing_zyx: np.ndarray, points: 
         return np.zeros(0)
     border = _outside_voxels_touching(np.pad(brain, 1)).astype(np.float64) - 1  # back to unpadded indices
     where = np.asarray(points, dtype=np.float64)
-    distances, _ = cKDTree(border * spacing_zyx).query(where * spacing_zyx)
+    # An unbalanced tree without shrunk node boxes: built in half the time and queried ten times faster here (the
+    # border voxels lie on a surface); the nearest neighbour, and so each distance, is the same whatever the tree.
+    tree = cKDTree(border * spacing_zyx, balanced_tree=False, compact_nodes=False)
+    distances, _ = tree.query(where * spacing_zyx)
     return np.where(brain[tuple(np.asarray(points).T)], distances, 0.0)
 
 

@@ -7,6 +7,7 @@ run in seconds and every candidate is a known lesion: what is under test is what
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -201,9 +202,11 @@ def test_candidates_are_the_components_in_cc3ds_order_without_the_small_ones():
     from PRLDetectorLib.detection.candidates import find_candidates
 
     rng = np.random.default_rng(7)
-    probability = (rng.random((40, 50, 45)) > 0.96).astype(np.float32) * 0.5
-    probability[5:12, 5:20, 5:9] = 0.9
-    for connectivity in (6, 26):
+    everywhere = (rng.random((40, 50, 45)) > 0.96).astype(np.float32) * 0.5
+    everywhere[5:12, 5:20, 5:9] = 0.9
+    off_centre = np.zeros_like(everywhere)  # components in part of the volume only: labelled in their box
+    off_centre[3:30, 4:41, 2:37] = everywhere[3:30, 4:41, 2:37]
+    for probability, connectivity in itertools.product((everywhere, off_centre), (6, 26)):
         components, n = cc3d.connected_components(probability >= 0.2, connectivity=connectivity, return_N=True)
         sizes = np.bincount(components.ravel(), minlength=n + 1) * 1.2  # 1 x 1 x 1.2 mm voxels
         kept = [c for c in range(1, n + 1) if sizes[c] >= 3.0]
