@@ -115,8 +115,9 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         card_path = out / "model.json"
         if card_path.is_file():
             model_card = json.loads(card_path.read_text(encoding="utf-8"))
-            model_card["classifier"] = {"validation": classifier.card["validation"],
-                                        "trained_on": classifier.card["trained_on"]}
+            model_card["classifier"] = classifier.model_card_block()
+            # The network's held-out figures stand; figures measured with the replaced classifier do not.
+            model_card.get("accuracy", {}).pop("held_out_variant_stage2", None)
             card_path.write_text(json.dumps(model_card, indent=2) + "\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)

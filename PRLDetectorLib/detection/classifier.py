@@ -89,6 +89,16 @@ class LesionClassifier:
                              f"{', '.join((*self.operating_points, NO_CLASSIFIER))}.")
         return float(self.operating_points[point])
 
+    def model_card_block(self) -> dict:
+        """What a model's card (``model.json`` → ``classifier``) says about the classifier it ships: its folder,
+        stage 1's cut-off, the operating points' cut-offs, their validation figures and what it was trained on,
+        as the classifier's own card has them."""
+        return {"folder": CLASSIFIER_DIR,
+                "candidate_threshold": self.candidate_threshold,
+                "operating_points": {k: float(v) for k, v in self.operating_points.items()},
+                "validation": self.card.get("validation", {}),
+                "trained_on": self.card.get("trained_on", {})}
+
     def save(self, folder: str | Path) -> Path:
         """Write the card and the members into ``folder`` (created; its parent must exist)."""
         folder = Path(folder)

@@ -515,7 +515,10 @@ class Segmenter:
         if self.orientation and self.orientation != original_orientation:
             channels = [sitk.DICOMOrient(c, self.orientation) for c in channels]
         reference = channels[0]
-        data = np.stack([sitk.GetArrayViewFromImage(c) for c in channels]).astype(np.float32, copy=False)
+        # nnU-Net's run_case_npy copies its input first thing, so one channel goes in as a view of its image: a
+        # stacked copy would only hold another volume through preprocessing (29 MB at 1 mm, 68 MB at 0.75 mm).
+        views = [sitk.GetArrayViewFromImage(c) for c in channels]
+        data = views[0][None] if len(views) == 1 else np.stack(views, dtype=np.float32)
         properties = {"spacing": list(reference.GetSpacing())[::-1]}
 
         predictor = self.predictor

@@ -20,14 +20,14 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def rss_mb(pid: int) -> float | None:
+def rss_mb(pid: int) -> tuple[float, float] | None:
+    """Resident memory now and its high-water mark so far (VmHWM: the true peak, spikes between samples too)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if line.startswith(("VmRSS:", "VmHWM:")))
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
         return None
-    return None
 
 
 def stage_of(message: str) -> str:
@@ -69,25 +69,26 @@ def main() -> None:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float]] = []
     while child.poll() is None:
         value = rss_mb(child.pid)
         if value is not None:
-            samples.append((time.perf_counter() - started, value))
+            samples.append((time.perf_counter() - started, *value))
         time.sleep(0.02)
     reader.join(timeout=5)
     if child.returncode:
         raise SystemExit(f"detect failed (exit {child.returncode}): {' '.join(command)}")
+    peak = max(v for _, _, v in samples)  # the last VmHWM read, a few ms before the end
     print(f"prl-detect detect, {args.model}, {args.spacing:g} mm phantom, {time.perf_counter() - started:.1f} s, "
-          f"peak {max(v for _, v in samples):.0f} MB")
-    print(f"{'stage':44s} {'from s':>7s} {'at start':>9s} {'peak':>7s}")
+          f"peak {peak:.0f} MB (VmHWM; sampled VmRSS peak {max(v for _, v, _ in samples):.0f} MB)")
+    print(f"{'stage':44s} {'from s':>7s} {'at start':>9s} {'peak':>7s} {'VmHWM at end':>13s}")
     bounds = [*marks, (float("inf"), "")]
     for (begin, name), (end, _) in zip(bounds[:-1], bounds[1:], strict=True):
-        inside = [v for t, v in samples if begin <= t < end]
+        inside = [(v, hwm) for t, v, hwm in samples if begin <= t < end]
         if not inside:
             continue
-        print(f"{name[:44]:44s} {begin:7.1f} {inside[0]:7.0f} MB {max(inside):5.0f} MB")
-
+        print(f"{name[:44]:44s} {begin:7.1f} {inside[0][0]:7.0f} MB {max(v for v, _ in inside):5.0f} MB "
+              f"{inside[-1][1]:10.0f} MB")
 
 if __name__ == "__main__":
     main()

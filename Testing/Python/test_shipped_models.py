@@ -9,6 +9,7 @@ import SimpleITK as sitk
 import torch
 from conftest import require_model
 
+from PRLDetectorLib.detection.classifier import load_classifier
 from PRLDetectorLib.detection.images import file_sha256
 from PRLDetectorLib.detection.models import resolve_model
 from PRLDetectorLib.detection.pipeline import Detector
@@ -37,6 +38,8 @@ def test_a_shipped_model_is_small_inference_only_and_described_by_its_card(name)
     shipped = json.loads((path / "classifier" / "classifier.json").read_text(encoding="utf-8"))
     for key in ("operating_points", "validation", "trained_on", "candidate_threshold"):
         assert card["classifier"][key] == shipped[key], key
+    # ... and says it as `prl-detect train-classifier` writes it into a retrained model's card.
+    assert card["classifier"] == load_classifier(path / "classifier").model_card_block()
 
 
 @pytest.fixture(scope="module")

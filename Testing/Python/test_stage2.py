@@ -119,6 +119,13 @@ def test_a_retrain_from_reviewed_statuses_moves_the_probability_of_those_lesions
         assert p_after[confirmed].mean() >= p_before[confirmed].mean() - 0.05
     card = json.loads((retrained / "model.json").read_text())
     assert card["classifier"]["trained_on"]["reviewed"] == [str(reviewed)]
+    # The card describes the new classifier whole (its cut-offs too), not the shipped one's, and drops the
+    # shipped classifier's held-out figures.
+    assert card["classifier"] == after.model_card_block()
+    assert card["classifier"]["operating_points"] != before.operating_points
+    assert "held_out_variant_stage2" not in card["accuracy"]
+    assert card["accuracy"] == {k: v for k, v in json.loads((require_model("qsm") / "model.json").read_text())[
+        "accuracy"].items() if k != "held_out_variant_stage2"}
 
 
 def test_train_classifier_refuses_a_result_made_without_the_classifier(results, tmp_path):
