@@ -47,6 +47,7 @@ def _progress_reporter(enabled_lines: bool, quiet: bool, description: str):
 
 def cmd_detect(args: argparse.Namespace) -> int:
     from PRLDetectorLib.detection.images import read_image
+    from PRLDetectorLib.detection.inference import return_freed_memory
     from PRLDetectorLib.detection.pipeline import Detector, check_output_folder, write_result
     from PRLDetectorLib.detection.registration import check_overlap
 
@@ -63,6 +64,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
     detector.check_inputs(flair is not None)
     with _progress_reporter(args.progress_lines, args.quiet, "detect") as progress:
         result = detector.detect(qsm, flair, progress)
+    # The result holds what is written: the input volumes and the lesion stage's freed memory go back to the
+    # system before the writing (the writing's peak was detect's).
+    del qsm, flair
+    return_freed_memory()
     inputs = {"qsm": args.qsm, **({"flair": args.flair} if args.flair else {})}
     out = write_result(result, args.out, inputs, overwrite=args.overwrite)
     burden = result.burden
