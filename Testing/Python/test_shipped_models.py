@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import SimpleITK as sitk
@@ -40,6 +41,36 @@ def test_a_shipped_model_is_small_inference_only_and_described_by_its_card(name)
         assert card["classifier"][key] == shipped[key], key
     # ... and says it as `prl-detect train-classifier` writes it into a retrained model's card.
     assert card["classifier"] == load_classifier(path / "classifier").model_card_block()
+
+
+README_TITLES = {"qsm": "QSM only", "qsm_flair": "QSM + FLAIR"}
+README_MODES = {"off": "network alone (today's)", "sensitive": "sensitive", "balanced": "**balanced**",
+                "specific": "specific"}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_readme_states_the_stage2_figures_the_shipped_cards_and_classifiers_hold(name):
+    """The README's held-out stage-2 table and training counts come from the same run as the cards
+    (`evaluate_stage2.sh --write-cards`) and from the shipped classifier: a figure edited in one place only, or
+    a classifier shipped without rerunning the table, goes red here. (Whether the run's figures are still what
+    the models give is checked only by rerunning that script: an hour of stage 1 on 2 cores.)"""
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    path = require_model(name)
+    held_out = json.loads((path / "model.json").read_text(encoding="utf-8"))["accuracy"]["held_out_variant_stage2"]
+    for mode, title in README_MODES.items():
+        row = f"| {README_TITLES[name]} | {title} | {held_out[mode]['lesion_sensitivity']} | " \
+              f"{held_out[mode]['lesion_precision']} |"
+        assert row in readme, row
+    pr_auc = re.search(r"Candidate-level PR-AUC: QSM only (\d\.\d+), QSM \+ FLAIR (\d\.\d+)", readme)
+    assert pr_auc and float(pr_auc.group(1 if name == "qsm" else 2)) == pytest.approx(held_out["candidate_pr_auc"],
+                                                                                        abs=5e-4)
+    trained = load_classifier(path / "classifier").card["members_trained_on"]
+    if name == "qsm":
+        assert f"({trained['examples']:,} candidates, {trained['prl']} on a" in readme
+    size_mb = sum(f.stat().st_size for f in (path / "classifier").iterdir()) / 1e6
+    assert size_mb <= 10
 
 
 @pytest.fixture(scope="module")
