@@ -56,14 +56,15 @@ def find_candidates(probability: np.ndarray, threshold: float, spacing_xyz: tupl
                     min_mm3: float, flair_bright: np.ndarray | None = None,
                     connectivity: int = 26) -> tuple[np.ndarray, int]:
     """Candidate lesion ids on the QSM grid: components of (probability >= threshold) [| FLAIR-bright]."""
-    labels, n, _ = _candidates_and_voxels(probability, threshold, spacing_xyz, min_mm3, flair_bright, connectivity)
+    labels, n, _, _ = _candidates_and_voxels(probability, threshold, spacing_xyz, min_mm3, flair_bright,
+                                             connectivity)
     return labels, n
 
 
 def _candidates_and_voxels(probability: np.ndarray, threshold: float, spacing_xyz: tuple[float, float, float],
                            min_mm3: float, flair_bright: np.ndarray | None, connectivity: int
-                           ) -> tuple[np.ndarray, int, list[np.ndarray]]:
-    """:func:`find_candidates`, and each candidate's flat voxel indices in C order."""
+                           ) -> tuple[np.ndarray, int, list[np.ndarray], list[np.ndarray]]:
+    """:func:`find_candidates`, and each candidate's flat voxel indices in C order and its (z, y, x) indices."""
     mask = probability >= threshold
     if flair_bright is not None:
         mask = mask | flair_bright
@@ -72,13 +73,14 @@ def _candidates_and_voxels(probability: np.ndarray, threshold: float, spacing_xy
     # it would on the whole volume, without a 4-byte id for every voxel of it.
     flat_index = np.flatnonzero(mask)
     if flat_index.size == 0:
-        return np.zeros(mask.shape, np.uint16), 0, []
+        return np.zeros(mask.shape, np.uint16), 0, [], []
     index = np.unravel_index(flat_index, mask.shape)
     lo = [int(axis.min()) for axis in index]
     box = tuple(slice(a, int(axis.max()) + 1) for a, axis in zip(lo, index, strict=True))
     components, n = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=connectivity,
                                               return_N=True, binary_image=True)
     local = np.ravel_multi_index(tuple(axis - a for axis, a in zip(index, lo, strict=True)), components.shape)
+    coords = np.stack(index, axis=1)
     del index
     component_of_voxel = components.ravel()[local]
     counts = np.bincount(component_of_voxel, minlength=n + 1)
@@ -96,7 +98,8 @@ def _candidates_and_voxels(probability: np.ndarray, threshold: float, spacing_xy
     order = np.argsort(candidate_of_voxel, kind="stable")  # by candidate, C order within each
     bounds = np.searchsorted(candidate_of_voxel[order], np.arange(1, kept + 2))
     voxels = [flat_index[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return labels, kept, voxels
+    indices = [coords[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return labels, kept, voxels, indices
 
 
 def flair_bright_mask(flair: np.ndarray, brain: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
@@ -581,11 +584,10 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     bright = None
     if flair is not None:
         bright = flair_bright_mask(sitk.GetArrayViewFromImage(flair), brain_np, spacing_zyx)
-    labels, n, flat_voxels = _candidates_and_voxels(probability, threshold, spacing_xyz, min_mm3, bright,
-                                                    connectivity)
+    labels, n, flat_voxels, voxels = _candidates_and_voxels(probability, threshold, spacing_xyz, min_mm3, bright,
+                                                            connectivity)
     if n == 0:
         return CandidateSet(labels, np.zeros((0, len(FEATURE_NAMES)), np.float32), [])
-    voxels = [np.stack(np.unravel_index(flat, labels.shape), axis=1) for flat in flat_voxels]
     centroids = [index.mean(axis=0) for index in voxels]
     edge_mm = distances_to_brain_edge(
         brain_np, spacing_zyx, [tuple(np.clip(np.rint(c).astype(int), 0, np.array(q.shape) - 1)) for c in centroids])

@@ -90,5 +90,6 @@ def main() -> None:
         print(f"{name[:44]:44s} {begin:7.1f} {inside[0][0]:7.0f} MB {max(v for v, _ in inside):5.0f} MB "
               f"{inside[-1][1]:10.0f} MB")
 
+
 if __name__ == "__main__":
     main()
