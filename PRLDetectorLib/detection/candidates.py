@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from PRLDetectorLib.detection.features import map_in_threads  # as measure_lesions shares its lesions
+from PRLDetectorLib.detection.lesions import painted
 
 PATCH_STEP_MM = 0.75
 PATCH_HALF_MM = 12.0
@@ -90,11 +91,11 @@ def _candidates_and_voxels(probability: np.ndarray, threshold: float, spacing_xy
     kept = int(keep.sum())
     del components
     # Two bytes a voxel whenever the ids fit (a case has tens of candidates; the map is held to the end).
-    labels = np.zeros(mask.shape, np.uint16 if kept < 2**16 else np.uint32)
-    lookup = np.zeros(n + 1, labels.dtype)
+    dtype = np.uint16 if kept < 2**16 else np.uint32
+    lookup = np.zeros(n + 1, dtype)
     lookup[keep] = np.arange(1, kept + 1)
     candidate_of_voxel = lookup[component_of_voxel]
-    labels.ravel()[flat_index] = candidate_of_voxel
+    labels = painted(mask.shape, flat_index, candidate_of_voxel, dtype)
     order = np.argsort(candidate_of_voxel, kind="stable")  # by candidate, C order within each
     bounds = np.searchsorted(candidate_of_voxel[order], np.arange(1, kept + 2))
     voxels = [flat_index[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -74,15 +74,11 @@ def find_lesions(
     components, n = cc3d.connected_components(
         mask, connectivity=connectivity, return_N=True, binary_image=True
     )
-    labels = np.zeros(mask.shape, dtype=np.uint16)
     if n == 0:
         logger.info("The PRL mask is empty: no lesions.")
-        return labels
+        return np.zeros(mask.shape, dtype=np.uint16)
 
-    # Work on the foreground voxels only (a few per mille of a brain volume): one scan finds them, and
-    # counting and relabelling then cost nothing next to the connected-components pass.
-    flat_index = np.flatnonzero(components != 0)
-    component_of_voxel = components.ravel()[flat_index]
+    flat_index, component_of_voxel = foreground_ids(components)
     counts = np.bincount(component_of_voxel, minlength=n + 1)
     component_ids = np.arange(1, n + 1)
     # A relative tolerance keeps a lesion whose volume equals the minimum up to float rounding.
@@ -93,11 +89,8 @@ def find_lesions(
             f"The PRL mask splits into {kept.size} lesions, more than a uint16 label map holds; "
             "raise the threshold or the minimum lesion size."
         )
-    # A stable sort on -count keeps cc3d's raster numbering among lesions of equal size.
-    ranked = kept[np.argsort(-counts[kept], kind="stable")]
-    new_id = np.zeros(n + 1, dtype=np.uint16)
-    new_id[ranked] = np.arange(1, ranked.size + 1, dtype=np.uint16)
-    labels.ravel()[flat_index] = new_id[component_of_voxel]
+    new_id = _ids_by_volume(kept, counts, n + 1)
+    labels = painted(mask.shape, flat_index, new_id[component_of_voxel])
 
     dropped = n - kept.size
     logger.info(
@@ -119,21 +112,14 @@ def keep_components(components: np.ndarray, keep: np.ndarray) -> tuple[np.ndarra
     ``find_lesions`` would use: then a kept component is one lesion of the kept mask and ids order them as
     cc3d would. One lookup instead of a second connected-components pass over the volume.
     """
-    # Foreground voxels only (a few per mille of the volume): a bincount or lookup of the whole map would first
-    # widen every voxel's id to 8 bytes (0.7 GB and seconds on a 512 × 512 × 320 grid).
-    flat_index = np.flatnonzero(components)
-    component_of_voxel = components.ravel()[flat_index]
+    flat_index, component_of_voxel = foreground_ids(components)
     counts = np.bincount(component_of_voxel, minlength=len(keep))[: len(keep)]
     kept = np.flatnonzero(keep)
     kept = kept[kept > 0]
     if kept.size > MAX_LESIONS:
         raise InputError(f"{kept.size} lesions are more than a uint16 label map holds; raise the operating point.")
-    ranked = kept[np.argsort(-counts[kept], kind="stable")]
-    new_id = np.zeros(len(keep), dtype=np.uint16)
-    new_id[ranked] = np.arange(1, ranked.size + 1, dtype=np.uint16)
-    lesions = np.zeros(components.shape, np.uint16)
-    lesions.ravel()[flat_index] = new_id[component_of_voxel]
-    return lesions, new_id[1:].astype(np.int64)
+    new_id = _ids_by_volume(kept, counts, len(keep))
+    return painted(components.shape, flat_index, new_id[component_of_voxel]), new_id[1:].astype(np.int64)
 
 
 def relabel_consecutive(labels: np.ndarray, by_volume: bool = False) -> np.ndarray:
@@ -144,8 +130,7 @@ def relabel_consecutive(labels: np.ndarray, by_volume: bool = False) -> np.ndarr
     largest lesion becomes 1, as :func:`find_lesions` numbers them (ties keep id order).
     """
     labels = _as_label_array(labels)
-    flat_index = np.flatnonzero(labels != 0)
-    old_of_voxel = labels.ravel()[flat_index]
+    flat_index, old_of_voxel = foreground_ids(labels)
     present, position, counts = np.unique(old_of_voxel, return_inverse=True, return_counts=True)
     if present.size > MAX_LESIONS:
         raise InputError(
@@ -155,16 +140,13 @@ def relabel_consecutive(labels: np.ndarray, by_volume: bool = False) -> np.ndarr
     rank = np.arange(1, present.size + 1, dtype=np.uint16)
     if by_volume:
         rank[np.argsort(-counts, kind="stable")] = np.arange(1, present.size + 1, dtype=np.uint16)
-    out = np.zeros(labels.shape, dtype=np.uint16)
-    out.ravel()[flat_index] = rank[position.ravel()]
-    return out
+    return painted(labels.shape, flat_index, rank[position.ravel()])
 
 
 def lesion_extents(labels: np.ndarray) -> LesionExtents:
     """Voxel counts, bounding boxes and centroids of every lesion of an instance map, in one pass."""
     labels = _as_label_array(labels)
-    flat_index = np.flatnonzero(labels != 0)
-    id_of_voxel = labels.ravel()[flat_index]
+    flat_index, id_of_voxel = foreground_ids(labels)
     order = np.argsort(id_of_voxel, kind="stable")
     id_of_voxel = id_of_voxel[order]
     coords = np.stack(np.unravel_index(flat_index[order], labels.shape), axis=1)
@@ -180,6 +162,34 @@ def lesion_extents(labels: np.ndarray) -> LesionExtents:
         bbox_max_zyx=np.maximum.reduceat(coords, starts, axis=0),
         centroid_zyx=np.add.reduceat(coords, starts, axis=0) / voxels[:, None],
     )
+
+
+def foreground_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The flat (C-order) indices of the non-zero voxels of an id map and their ids.
+
+    Instance maps are a few per mille foreground: counting, renumbering and lookups on these voxels alone cost
+    nothing next to a pass over the volume, and never widen every voxel's id to 8 bytes (0.7 GB on a
+    512 × 512 × 320 grid).
+    """
+    flat_index = np.flatnonzero(ids)
+    return flat_index, ids.ravel()[flat_index]
+
+
+def painted(shape: tuple[int, ...], flat_index: np.ndarray, values: np.ndarray, dtype=np.uint16) -> np.ndarray:
+    """A zero map of ``shape`` holding ``values`` at the flat indices ``flat_index`` (the inverse of
+    :func:`foreground_ids`)."""
+    out = np.zeros(shape, dtype)
+    out.ravel()[flat_index] = values
+    return out
+
+
+def _ids_by_volume(kept: np.ndarray, counts: np.ndarray, size: int) -> np.ndarray:
+    """Lookup (old id → new id, uint16, ``size`` entries) numbering the ``kept`` ids 1..n largest first by their
+    voxel ``counts``; a stable sort keeps raster (id) order among equal sizes. Ids not kept map to 0."""
+    ranked = kept[np.argsort(-counts[kept], kind="stable")]
+    new_id = np.zeros(size, dtype=np.uint16)
+    new_id[ranked] = np.arange(1, ranked.size + 1, dtype=np.uint16)
+    return new_id
 
 
 def _as_volume(array: np.ndarray, what: str) -> np.ndarray:
