@@ -6,10 +6,17 @@ Both learn from the training patients' candidates (stage 1 of the given model, c
 ``evaluate_stage2.sh``): candidate-level PR-AUC, and sensitivity / precision at a calibrated 0.5. The CNN sees
 the patch stage 2's measures start from (±12 mm at 0.75 mm isotropic, patient axes, centred on the candidate's
 centroid): QSM in ppm, stage 1's probability, and FLAIR when the model reads it; flips and in-plane quarter
-turns (B0 stays along S–I) as augmentation; an ensemble of 2 seeds. Nothing here ships; it prints figures.
+turns (B0 stays along S–I) as augmentation; an ensemble of ``--seeds`` seeds. With ``--stack`` it also asks
+whether the CNN adds to the measures: CNNs trained on 5 patient folds give every training candidate an
+out-of-fold score, which becomes a 102nd measure of a 5-fold LightGBM ensemble (the shipped parameters),
+compared with the same ensemble on the 101 measures alone, trained on the same candidates: out-of-fold
+PR-AUC on the training reconstructions, and PR-AUC on the held-out one (test CNN score = mean of the fold
+CNNs). Nothing here ships; it prints figures.
 
-Usage: .venv/bin/python Testing/Scripts/compare_patch_cnn.py WORK MODEL_FOLDER [--epochs 20]
-  WORK holds train_used/, train_s1/, test/ and test_s1/ (the stage-2 scripts' work folder).
+Usage: .venv/bin/python Testing/Scripts/compare_patch_cnn.py WORK MODEL_FOLDER [--epochs 20] [--seeds 2]
+           [--train WORK/round_2 ...] [--stack]
+  WORK holds train_s1/, test/ and test_s1/ and the training rounds round_*/ (the stage-2 scripts' work
+  folder); --train picks the folders of training cases (default: every WORK/round_*).
 """
 
 from __future__ import annotations
@@ -135,6 +142,40 @@ def at_half(p: np.ndarray, labels: np.ndarray) -> str:
             f"{100 * tp / max(called.sum(), 1):.1f} % ({tp}/{int(called.sum())})")
 
 
+def stacked(train: dict, test: dict, epochs: int, folds: int = 5) -> dict:
+    """Does the CNN add to the measures? Out-of-fold CNN scores as one more measure of a LightGBM ensemble."""
+    import lightgbm
+    from sklearn.model_selection import GroupKFold
+
+    from PRLDetectorLib.training.classifier import LGB_PARAMS, ROUNDS
+
+    split = list(GroupKFold(folds).split(train["features"], train["labels"], train["groups"]))
+    oof = np.zeros(len(train["labels"]), np.float32)
+    test_scores = []
+    for k, (fit, held) in enumerate(tqdm(split, desc="fold CNNs", unit="fold")):
+        net = train_cnn(train["patches"][fit], train["labels"][fit], epochs, seed=k)
+        oof[held] = cnn_scores([net], train["patches"][held])
+        test_scores.append(cnn_scores([net], test["patches"]))
+    test_cnn = np.mean(test_scores, axis=0)
+
+    def ensemble(x: np.ndarray, x_test: np.ndarray) -> tuple[float, float]:
+        out_of_fold, scores = np.zeros(len(x)), []
+        for k, (fit, held) in enumerate(split):
+            member = lightgbm.train(dict(LGB_PARAMS, seed=k), lightgbm.Dataset(x[fit], train["labels"][fit]),
+                                    num_boost_round=ROUNDS)
+            out_of_fold[held] = member.predict(x[held])
+            scores.append(member.predict(x_test))
+        return (round(float(average_precision_score(train["labels"], out_of_fold)), 3),
+                round(float(average_precision_score(test["labels"], np.mean(scores, axis=0))), 3))
+
+    alone = ensemble(train["features"], test["features"])
+    both = ensemble(np.c_[train["features"], oof], np.c_[test["features"], test_cnn])
+    return {"cnn_alone": {"oof_pr_auc": round(float(average_precision_score(train["labels"], oof)), 3),
+                          "test_pr_auc": round(float(average_precision_score(test["labels"], test_cnn)), 3)},
+            "measures": {"oof_pr_auc": alone[0], "test_pr_auc": alone[1]},
+            "measures_and_cnn": {"oof_pr_auc": both[0], "test_pr_auc": both[1]}}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser()
@@ -142,11 +183,15 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--train", type=Path, nargs="+", help="folders of training cases (default: WORK/round_*)")
+    parser.add_argument("--stack", action="store_true", help="also: the CNN's out-of-fold score as a 102nd measure")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = resolve_model(args.model)
     classifier = model_classifier(model.path)
-    train = collect(args.work / "train_used", args.work / "train_s1", model, classifier)
+    parts = [collect(folder, args.work / "train_s1", model, classifier)
+             for folder in (args.train or sorted(args.work.glob("round_*")))]
+    train = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
     test = collect(args.work / "test", args.work / "test_s1", model, classifier)
     print(f"{model.name}: {len(train['labels'])} training candidates ({int(train['labels'].sum())} PRL), "
           f"{len(test['labels'])} test candidates ({int(test['labels'].sum())} PRL)")
@@ -171,6 +216,9 @@ def main() -> None:
     print(f"features (shipped classifier) at 0.5: {at_half(lgb_test, test['labels'])}")
     print(f"patch CNN at 0.5 (Platt on its training scores): {at_half(cnn_test, test['labels'])}")
     print(f"mean of both at 0.5: {at_half((lgb_test + cnn_test) / 2, test['labels'])}")
+    if args.stack:
+        figures["stacked"] = stacked(train, test, args.epochs)
+        print(json.dumps(figures["stacked"], indent=2))
     (args.work / f"patch_cnn_{model.name}.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
 
 
