@@ -13,7 +13,7 @@ with no core), FLAIR signal when FLAIR is there, distance to the brain edge, and
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import cc3d
@@ -519,10 +519,21 @@ class CandidateSet:
     """(candidates, len(FEATURE_NAMES)) float32; row k describes candidate k + 1."""
     sources: list[str]
     """Per candidate: "network", "flair" or "both" (what made it a candidate)."""
+    voxels: list[np.ndarray] = field(default_factory=list, repr=False)
+    """Per candidate: the flat (C-order) indices of its voxels in ``labels``, as found when labelling."""
 
     @property
     def count(self) -> int:
         return len(self.features)
+
+    def foreground(self) -> tuple[np.ndarray, np.ndarray]:
+        """The flat indices of every candidate voxel and its candidate id (by candidate, C order within each):
+        :func:`~PRLDetectorLib.detection.lesions.foreground_ids` of ``labels`` without scanning the map."""
+        if not self.voxels:
+            return np.zeros(0, np.intp), np.zeros(0, self.labels.dtype)
+        sizes = [len(v) for v in self.voxels]
+        ids = np.repeat(np.arange(1, len(sizes) + 1, dtype=self.labels.dtype), sizes)
+        return np.concatenate(self.voxels), ids
 
 
 def distances_to_brain_edge(brain: np.ndarray, spacing_zyx: np.ndarray, points: list[tuple[int, int, int]]
@@ -613,7 +624,7 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     def features(i: int) -> np.ndarray:
         return candidate_features(qsm_patches, brain_patches, flair_patches, centres[i], stage1s[i])
 
-    return CandidateSet(labels, np.stack(map_in_threads(features, n, workers)), sources)
+    return CandidateSet(labels, np.stack(map_in_threads(features, n, workers)), sources, flat_voxels)
 
 
 def _as_float32(image: sitk.Image) -> sitk.Image:

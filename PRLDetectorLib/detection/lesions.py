@@ -102,7 +102,8 @@ def find_lesions(
     return labels
 
 
-def keep_components(components: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def keep_components(components: np.ndarray, keep: np.ndarray,
+                    foreground: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The components whose ids are flagged in ``keep`` (indexed by id, ``keep[0]`` ignored), as the uint16
     lesion map :func:`find_lesions` makes of them: 1..n largest first, ties in id order; and for each
     component id 1.. the lesion id it became (0: not kept).
@@ -110,9 +111,11 @@ def keep_components(components: np.ndarray, keep: np.ndarray) -> tuple[np.ndarra
     ``components`` must be connected components numbered in raster order of their first voxel (cc3d's order,
     as :func:`~PRLDetectorLib.detection.candidates.find_candidates` keeps it), at the connectivity
     ``find_lesions`` would use: then a kept component is one lesion of the kept mask and ids order them as
-    cc3d would. One lookup instead of a second connected-components pass over the volume.
+    cc3d would. One lookup instead of a second connected-components pass over the volume. ``foreground`` is
+    :func:`foreground_ids` of ``components`` when the caller already has it (in any voxel order): the map is
+    then not scanned at all (0.16 s on a 512 × 512 × 320 grid).
     """
-    flat_index, component_of_voxel = foreground_ids(components)
+    flat_index, component_of_voxel = foreground if foreground is not None else foreground_ids(components)
     counts = np.bincount(component_of_voxel, minlength=len(keep))[: len(keep)]
     kept = np.flatnonzero(keep)
     kept = kept[kept > 0]

@@ -239,7 +239,7 @@ class Detector:
         # and a PRL whose stage-1 outline is a small piece of its rim is still a PRL (candidates are already
         # at least the classifier's minimum size). Candidates are components at this connectivity in cc3d's
         # order, so the lesions are the called ones renumbered as find_lesions numbers them.
-        labels, lesion_of_candidate = keep_components(candidates.labels, is_called)
+        labels, lesion_of_candidate = keep_components(candidates.labels, is_called, candidates.foreground())
         stage2 = Stage2(settings.operating_point, cutoff, candidates, chance, spread,
                         lesion_of_candidate, _classifier_record(classifier),
                         time.perf_counter() - started)

@@ -62,6 +62,25 @@ def test_every_lesion_and_mimic_becomes_one_candidate_with_one_feature_row():
     assert label_candidates(candidates.labels, truth).sum() == case.truth["prl_count"] == 3
 
 
+def test_the_candidates_voxels_are_their_maps_foreground_and_keep_the_same_lesions():
+    from PRLDetectorLib.detection.lesions import foreground_ids, keep_components
+
+    _, candidates, _ = candidates_of(31)
+    flat_index, ids = candidates.foreground()
+    expected_index, expected_ids = foreground_ids(candidates.labels)
+    order = np.argsort(flat_index)
+    np.testing.assert_array_equal(flat_index[order], expected_index)
+    np.testing.assert_array_equal(ids[order], expected_ids)
+    assert ids.dtype == candidates.labels.dtype
+    keep = np.zeros(candidates.count + 1, bool)
+    keep[1::2] = True
+    scanned = keep_components(candidates.labels, keep)
+    given = keep_components(candidates.labels, keep, (flat_index, ids))
+    assert scanned[0].max() == keep.sum()
+    np.testing.assert_array_equal(given[0], scanned[0])
+    np.testing.assert_array_equal(given[1], scanned[1])
+
+
 def test_rim_coverage_of_a_prl_exceeds_that_of_a_rimless_lesion_measured_from_the_patch():
     case, candidates, truth = candidates_of(32)
     labels = label_candidates(candidates.labels, truth)
