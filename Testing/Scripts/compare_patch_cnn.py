@@ -70,8 +70,11 @@ def case_patches(case: Path, cache: Path, model, classifier) -> tuple[np.ndarray
     return np.asarray(patches, np.float32).reshape(-1, len(samplers), 33, 33, 33), candidates.features, labels[:candidates.count]
 
 
-def collect(cases_dir: Path, cache: Path, model, classifier) -> dict:
+def collect(cases_dir: Path, cache: Path, model, classifier) -> dict | None:
     cases = sorted(p for p in cases_dir.iterdir() if (cache / p.name).is_dir())
+    if not cases:
+        logger.warning("%s: no case has a stage-1 map in %s; skipped", cases_dir, cache)
+        return None
     out = {"patches": [], "features": [], "labels": [], "groups": []}
     for case in tqdm(cases, desc=cases_dir.name, unit="case"):
         patches, features, labels = case_patches(case, cache, model, classifier)
@@ -191,8 +194,13 @@ def main() -> None:
     classifier = model_classifier(model.path)
     parts = [collect(folder, args.work / "train_s1", model, classifier)
              for folder in (args.train or sorted(args.work.glob("round_*")))]
-    train = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+    parts = [part for part in parts if part is not None]
     test = collect(args.work / "test", args.work / "test_s1", model, classifier)
+    if not parts or test is None:
+        logger.error("No training or test case has a cached stage-1 map: run train_classifiers.sh and "
+                     "evaluate_stage2.sh on WORK first.")
+        raise SystemExit(2)
+    train = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
     print(f"{model.name}: {len(train['labels'])} training candidates ({int(train['labels'].sum())} PRL), "
           f"{len(test['labels'])} test candidates ({int(test['labels'].sum())} PRL)")
 
