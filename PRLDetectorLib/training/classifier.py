@@ -187,11 +187,12 @@ def pick_operating_points(probability: np.ndarray, labels: np.ndarray) -> dict[s
     return {"sensitive": dict(stats[sensitive]), "balanced": dict(stats[balanced]), "specific": dict(stats[specific])}
 
 
-def fit_classifier(examples: Examples, folds: int = 5, seed: int = 0, card: dict | None = None
-                   ) -> tuple[LesionClassifier, np.ndarray]:
+def fit_classifier(examples: Examples, folds: int = 5, seed: int = 0, card: dict | None = None,
+                   feature_names: tuple[str, ...] = FEATURE_NAMES) -> tuple[LesionClassifier, np.ndarray]:
     """Members on patient folds, isotonic calibration and operating points on their out-of-fold predictions.
 
-    Returns the classifier and the calibrated out-of-fold probability of every example.
+    Returns the classifier and the calibrated out-of-fold probability of every example. ``feature_names`` names
+    the columns of ``examples.features`` (the candidates' measures; an experiment may add its own).
     """
     import lightgbm
     from sklearn.model_selection import GroupKFold
@@ -221,7 +222,7 @@ def fit_classifier(examples: Examples, folds: int = 5, seed: int = 0, card: dict
                                                   "patients": int(n_groups), "folds": folds},
             "validation": {"what": "out-of-fold candidates of the training patients (patient folds)", **points}}
     cutoffs = {k: float(v.pop("exact_cutoff")) for k, v in points.items()}
-    classifier = LesionClassifier(FEATURE_NAMES, members, x, y, cutoffs, card)
+    classifier = LesionClassifier(feature_names, members, x, y, cutoffs, card)
     return classifier, calibrated
 
 

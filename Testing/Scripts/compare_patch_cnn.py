@@ -8,8 +8,8 @@ the patch stage 2's measures start from (±12 mm at 0.75 mm isotropic, patient a
 centroid): QSM in ppm, stage 1's probability, and FLAIR when the model reads it; flips and in-plane quarter
 turns (B0 stays along S–I) as augmentation; an ensemble of ``--seeds`` seeds. With ``--stack`` it also asks
 whether the CNN adds to the measures: CNNs trained on 5 patient folds give every training candidate an
-out-of-fold score, which becomes a 102nd measure of a 5-fold LightGBM ensemble (the shipped parameters),
-compared with the same ensemble on the 101 measures alone, trained on the same candidates: out-of-fold
+out-of-fold score, which becomes a 102nd measure of a classifier trained as the shipped one is
+(``fit_classifier``), compared with one on the 101 measures alone, trained on the same candidates: out-of-fold
 PR-AUC on the training reconstructions, and PR-AUC on the held-out one (test CNN score = mean of the fold
 CNNs). Nothing here ships; it prints figures.
 
@@ -146,11 +146,12 @@ def at_half(p: np.ndarray, labels: np.ndarray) -> str:
 
 
 def stacked(train: dict, test: dict, epochs: int, folds: int = 5) -> dict:
-    """Does the CNN add to the measures? Out-of-fold CNN scores as one more measure of a LightGBM ensemble."""
-    import lightgbm
+    """Does the CNN add to the measures? Out-of-fold CNN scores as one more measure of the shipped classifier's
+    training (``fit_classifier``: LightGBM members on the same patient folds, calibrated)."""
     from sklearn.model_selection import GroupKFold
 
-    from PRLDetectorLib.training.classifier import LGB_PARAMS, ROUNDS
+    from PRLDetectorLib.detection.candidates import FEATURE_NAMES
+    from PRLDetectorLib.training.classifier import Examples, fit_classifier
 
     split = list(GroupKFold(folds).split(train["features"], train["labels"], train["groups"]))
     oof = np.zeros(len(train["labels"]), np.float32)
@@ -161,22 +162,17 @@ def stacked(train: dict, test: dict, epochs: int, folds: int = 5) -> dict:
         test_scores.append(cnn_scores([net], test["patches"]))
     test_cnn = np.mean(test_scores, axis=0)
 
-    def ensemble(x: np.ndarray, x_test: np.ndarray) -> tuple[float, float]:
-        out_of_fold, scores = np.zeros(len(x)), []
-        for k, (fit, held) in enumerate(split):
-            member = lightgbm.train(dict(LGB_PARAMS, seed=k), lightgbm.Dataset(x[fit], train["labels"][fit]),
-                                    num_boost_round=ROUNDS)
-            out_of_fold[held] = member.predict(x[held])
-            scores.append(member.predict(x_test))
-        return (round(float(average_precision_score(train["labels"], out_of_fold)), 3),
-                round(float(average_precision_score(test["labels"], np.mean(scores, axis=0))), 3))
+    def pr_aucs(x: np.ndarray, x_test: np.ndarray, names: tuple[str, ...]) -> dict:
+        examples = Examples(x, train["labels"], train["groups"], np.ones(len(x)))
+        classifier, out_of_fold = fit_classifier(examples, folds, feature_names=names)
+        return {"oof_pr_auc": round(float(average_precision_score(train["labels"], out_of_fold)), 3),
+                "test_pr_auc": round(float(average_precision_score(test["labels"], classifier.predict(x_test)[0])), 3)}
 
-    alone = ensemble(train["features"], test["features"])
-    both = ensemble(np.c_[train["features"], oof], np.c_[test["features"], test_cnn])
     return {"cnn_alone": {"oof_pr_auc": round(float(average_precision_score(train["labels"], oof)), 3),
                           "test_pr_auc": round(float(average_precision_score(test["labels"], test_cnn)), 3)},
-            "measures": {"oof_pr_auc": alone[0], "test_pr_auc": alone[1]},
-            "measures_and_cnn": {"oof_pr_auc": both[0], "test_pr_auc": both[1]}}
+            "measures": pr_aucs(train["features"], test["features"], FEATURE_NAMES),
+            "measures_and_cnn": pr_aucs(np.c_[train["features"], oof], np.c_[test["features"], test_cnn],
+                                        (*FEATURE_NAMES, "patch_cnn_logit"))}
 
 
 def main() -> None:
