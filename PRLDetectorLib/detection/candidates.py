@@ -57,15 +57,43 @@ def find_candidates(probability: np.ndarray, threshold: float, spacing_xyz: tupl
                     min_mm3: float, flair_bright: np.ndarray | None = None,
                     connectivity: int = 26) -> tuple[np.ndarray, int]:
     """Candidate lesion ids on the QSM grid: components of (probability >= threshold) [| FLAIR-bright]."""
-    labels, n, _, _ = _candidates_and_voxels(probability, threshold, spacing_xyz, min_mm3, flair_bright,
-                                             connectivity)
-    return labels, n
+    labels, voxels = _candidates_and_voxels(probability, threshold, spacing_xyz, min_mm3, flair_bright, connectivity)
+    return labels, voxels.count
+
+
+@dataclass
+class CandidateVoxels:
+    """Every candidate voxel once, grouped by candidate (C order within each), as found when labelling."""
+
+    flat_index: np.ndarray
+    """Flat (C-order) indices in the candidate map."""
+    ids: np.ndarray
+    """The candidate id of each voxel (the map's dtype), ascending."""
+    bounds: np.ndarray
+    """Candidate k + 1 holds entries ``bounds[k]:bounds[k + 1]``."""
+    shape: tuple[int, ...]
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype=np.uint16) -> CandidateVoxels:
+        return cls(np.zeros(0, np.intp), np.zeros(0, dtype), np.zeros(1, np.intp), tuple(shape))
+
+    @property
+    def count(self) -> int:
+        return len(self.bounds) - 1
+
+    def flat(self, k: int) -> np.ndarray:
+        """Flat indices of candidate ``k + 1``'s voxels."""
+        return self.flat_index[self.bounds[k]:self.bounds[k + 1]]
+
+    def index(self, k: int) -> np.ndarray:
+        """(voxels, 3) z, y, x indices of candidate ``k + 1``'s voxels."""
+        return np.stack(np.unravel_index(self.flat(k), self.shape), axis=1)
 
 
 def _candidates_and_voxels(probability: np.ndarray, threshold: float, spacing_xyz: tuple[float, float, float],
                            min_mm3: float, flair_bright: np.ndarray | None, connectivity: int
-                           ) -> tuple[np.ndarray, int, list[np.ndarray], list[np.ndarray]]:
-    """:func:`find_candidates`, and each candidate's flat voxel indices in C order and its (z, y, x) indices."""
+                           ) -> tuple[np.ndarray, CandidateVoxels]:
+    """:func:`find_candidates`'s map, and its voxels grouped by candidate."""
     mask = probability >= threshold
     if flair_bright is not None:
         mask = mask | flair_bright
@@ -74,14 +102,13 @@ def _candidates_and_voxels(probability: np.ndarray, threshold: float, spacing_xy
     # it would on the whole volume, without a 4-byte id for every voxel of it.
     flat_index = np.flatnonzero(mask)
     if flat_index.size == 0:
-        return np.zeros(mask.shape, np.uint16), 0, [], []
+        return np.zeros(mask.shape, np.uint16), CandidateVoxels.empty(mask.shape)
     index = np.unravel_index(flat_index, mask.shape)
     lo = [int(axis.min()) for axis in index]
     box = tuple(slice(a, int(axis.max()) + 1) for a, axis in zip(lo, index, strict=True))
     components, n = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=connectivity,
                                               return_N=True, binary_image=True)
     local = np.ravel_multi_index(tuple(axis - a for axis, a in zip(index, lo, strict=True)), components.shape)
-    coords = np.stack(index, axis=1)
     del index
     component_of_voxel = components.ravel()[local]
     counts = np.bincount(component_of_voxel, minlength=n + 1)
@@ -97,10 +124,10 @@ def _candidates_and_voxels(probability: np.ndarray, threshold: float, spacing_xy
     candidate_of_voxel = lookup[component_of_voxel]
     labels = painted(mask.shape, flat_index, candidate_of_voxel, dtype)
     order = np.argsort(candidate_of_voxel, kind="stable")  # by candidate, C order within each
-    bounds = np.searchsorted(candidate_of_voxel[order], np.arange(1, kept + 2))
-    voxels = [flat_index[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    indices = [coords[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return labels, kept, voxels, indices
+    ids = candidate_of_voxel[order]
+    start = int(np.searchsorted(ids, 1))  # voxels of components too small to keep come first, as id 0
+    bounds = np.searchsorted(ids, np.arange(1, kept + 2)) - start
+    return labels, CandidateVoxels(flat_index[order[start:]], ids[start:], bounds, mask.shape)
 
 
 def flair_bright_mask(flair: np.ndarray, brain: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
@@ -519,8 +546,8 @@ class CandidateSet:
     """(candidates, len(FEATURE_NAMES)) float32; row k describes candidate k + 1."""
     sources: list[str]
     """Per candidate: "network", "flair" or "both" (what made it a candidate)."""
-    voxels: list[np.ndarray] = field(default_factory=list, repr=False)
-    """Per candidate: the flat (C-order) indices of its voxels in ``labels``, as found when labelling."""
+    voxels: CandidateVoxels | None = field(default=None, repr=False)
+    """Every candidate's voxels in ``labels``, as found when labelling (None: not kept)."""
 
     @property
     def count(self) -> int:
@@ -529,11 +556,11 @@ class CandidateSet:
     def foreground(self) -> tuple[np.ndarray, np.ndarray]:
         """The flat indices of every candidate voxel and its candidate id (by candidate, C order within each):
         :func:`~PRLDetectorLib.detection.lesions.foreground_ids` of ``labels`` without scanning the map."""
-        if not self.voxels:
-            return np.zeros(0, np.intp), np.zeros(0, self.labels.dtype)
-        sizes = [len(v) for v in self.voxels]
-        ids = np.repeat(np.arange(1, len(sizes) + 1, dtype=self.labels.dtype), sizes)
-        return np.concatenate(self.voxels), ids
+        if self.voxels is None:
+            from PRLDetectorLib.detection.lesions import foreground_ids
+
+            return foreground_ids(self.labels)
+        return self.voxels.flat_index, self.voxels.ids
 
 
 def distances_to_brain_edge(brain: np.ndarray, spacing_zyx: np.ndarray, points: list[tuple[int, int, int]]
@@ -596,11 +623,12 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     bright = None
     if flair is not None:
         bright = flair_bright_mask(sitk.GetArrayViewFromImage(flair), brain_np, spacing_zyx)
-    labels, n, flat_voxels, voxels = _candidates_and_voxels(probability, threshold, spacing_xyz, min_mm3, bright,
-                                                            connectivity)
+    labels, voxels = _candidates_and_voxels(probability, threshold, spacing_xyz, min_mm3, bright, connectivity)
+    n = voxels.count
     if n == 0:
-        return CandidateSet(labels, np.zeros((0, len(FEATURE_NAMES)), np.float32), [])
-    centroids = [index.mean(axis=0) for index in voxels]
+        return CandidateSet(labels, np.zeros((0, len(FEATURE_NAMES)), np.float32), [], voxels)
+    indices = [voxels.index(k) for k in range(n)]
+    centroids = [index.mean(axis=0) for index in indices]
     edge_mm = distances_to_brain_edge(
         brain_np, spacing_zyx, [tuple(np.clip(np.rint(c).astype(int), 0, np.array(q.shape) - 1)) for c in centroids])
     qsm_patches = PatchSampler(_as_float32(qsm))
@@ -608,7 +636,8 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     flair_patches = PatchSampler(_as_float32(flair)) if flair is not None else None
     sources, stage1s = [], []
     voxel_mm3 = float(np.prod(spacing_xyz))
-    for i, (flat, index) in enumerate(zip(flat_voxels, voxels, strict=True)):
+    for i, index in enumerate(indices):
+        flat = voxels.flat(i)
         p = probability.flat[flat]
         extent = (index.max(0) - index.min(0) + 1) * spacing_zyx
         from_flair = float(bright.flat[flat].mean()) if bright is not None else 0.0
@@ -624,7 +653,7 @@ def find_case_candidates(qsm: sitk.Image, probability: np.ndarray, flair: sitk.I
     def features(i: int) -> np.ndarray:
         return candidate_features(qsm_patches, brain_patches, flair_patches, centres[i], stage1s[i])
 
-    return CandidateSet(labels, np.stack(map_in_threads(features, n, workers)), sources, flat_voxels)
+    return CandidateSet(labels, np.stack(map_in_threads(features, n, workers)), sources, voxels)
 
 
 def _as_float32(image: sitk.Image) -> sitk.Image:
