@@ -1,28 +1,42 @@
 #!/usr/bin/env bash
-# Rebuilds a bundled network (stage 1) as shipped since 2026-12-02: the earlier bundled network fine-tuned on
-# phantoms of varied sites and protocols (see README, "Bundled models").
-# Usage: Testing/Scripts/finetune_bundled_models.sh [WORK_DIR] [qsm|qsm_flair] [START_MODEL]
-#   START_MODEL: the model to start from (default: the bundled one of that name; to rebuild exactly, the
-#   network of git revision 96803fe, Resources/Models/<name>, which the fine-tuned one replaced).
-#   12 epochs of 100 iterations, ~1-2 min each on 2 CPU cores. Then: Testing/Scripts/train_classifiers.sh.
-# Training patients: 40 new phantoms (seed 8000) with TKD and Tikhonov reconstructions, every other site and
-# protocol variation and the look-alikes (--vary-acquisition), a fifth PRL-negative; the gradient-regularised
-# reconstruction stays held out for evaluate_stage2.sh.
+# Fine-tunes a bundled network (stage 1) on phantoms of varied sites and protocols, as measured in the README
+# ("Fine-tuning on varied phantoms"); the result is a model folder to score with evaluate_stage2.py, not shipped.
+# Usage: Testing/Scripts/finetune_bundled_models.sh [WORK_DIR] [qsm|qsm_flair] [START_MODEL] [varied|mixed]
+#   START_MODEL: the model to start from (default: the bundled one of that name).
+#   varied (default): 40 new phantoms (seed 8000) with TKD and Tikhonov reconstructions, every other site and
+#     protocol variation and the look-alikes (--vary-acquisition), a fifth PRL-negative; 12 epochs.
+#   mixed: the same 40 plus the 40 classic phantoms the bundled networks were first trained on (seed 1000,
+#     --vary-grid, as train_bundled_models.sh makes them), so that the network keeps what it knew; 20 epochs.
+#   EPOCHS overrides the epochs (of 100 iterations, ~2-2.5 min each on 2 CPU cores). Then: train its classifier
+#   (prl-detect train-classifier --model WORK/models/<name>, or train_classifiers.sh's commands).
+# The gradient-regularised reconstruction stays held out for evaluate_stage2.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/prl_finetune}
 MODEL=${2:-qsm}
 START=${3:-$MODEL}
+DATA=${4:-varied}
 BIN=.venv/bin
 mkdir -p "$WORK"
-[ -d "$WORK/cases" ] || $BIN/prl-detect phantom --out "$WORK/cases" --n 40 --seed 8000 --flair \
+[ -d "$WORK/varied" ] || $BIN/prl-detect phantom --out "$WORK/varied" --n 40 --seed 8000 --flair \
   --extent-mm 128 150 100 --vary-acquisition --recon tkd tikhonov --negative-share 0.2
+case "$DATA" in
+  varied) CASES=$WORK/varied; DEFAULT_EPOCHS=12; ID_BASE=510 ;;
+  mixed)
+    [ -d "$WORK/classic" ] || $BIN/prl-detect phantom --out "$WORK/classic" --n 40 --seed 1000 --flair --vary-grid
+    CASES=$WORK/mixed; DEFAULT_EPOCHS=20; ID_BASE=520
+    mkdir -p "$CASES"
+    for c in $(ls "$WORK/classic"); do ln -sfn "$(realpath "$WORK/classic/$c")" "$CASES/c_$c"; done
+    for c in $(ls "$WORK/varied"); do ln -sfn "$(realpath "$WORK/varied/$c")" "$CASES/v_$c"; done ;;
+  *) echo "unknown training data $DATA (varied or mixed)" >&2; exit 2 ;;
+esac
 export nnUNet_n_proc_DA=2
-ARGS=(--cases "$WORK/cases" --epochs "${EPOCHS:-12}" --iterations 100 --val-iterations 10 --fold 0 --seed 0
-      --device cpu --name "$MODEL" --work "$WORK/work_$MODEL" --model-out "$WORK/models/$MODEL" --init-from "$START")
+ARGS=(--cases "$CASES" --epochs "${EPOCHS:-$DEFAULT_EPOCHS}" --iterations 100 --val-iterations 10 --fold 0 --seed 0
+      --device cpu --name "$MODEL" --work "$WORK/work_${MODEL}_$DATA" --model-out "$WORK/models_$DATA/$MODEL"
+      --init-from "$START")
 case "$MODEL" in
-  qsm) $BIN/prl-detect train "${ARGS[@]}" --dataset-id 511 ;;
-  qsm_flair) $BIN/prl-detect train "${ARGS[@]}" --dataset-id 512 --flair ;;
+  qsm) $BIN/prl-detect train "${ARGS[@]}" --dataset-id $((ID_BASE + 1)) ;;
+  qsm_flair) $BIN/prl-detect train "${ARGS[@]}" --dataset-id $((ID_BASE + 2)) --flair ;;
   *) echo "unknown model $MODEL" >&2; exit 2 ;;
 esac
-echo "Network in $WORK/models/$MODEL; train its classifier (train_classifiers.sh), then copy it to Resources/Models/"
+echo "Network in $WORK/models_$DATA/$MODEL; train its classifier, then score it with evaluate_stage2.py"
