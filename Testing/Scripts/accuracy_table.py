@@ -59,8 +59,9 @@ def main() -> None:
         for name, evaluation, rim_checked in models:
             card_path = REPO / "Resources" / "Models" / name / "model.json"
             card = json.loads(card_path.read_text(encoding="utf-8"))
-            card["accuracy"] = {"test_set": TEST_SET, "network_alone": _figures(evaluation),
-                                "with_rim_check_0.67": _figures(rim_checked)}
+            # Only this table's entries: the card's other accuracy blocks (evaluate_stage2.py's) stay.
+            card.setdefault("accuracy", {}).update({"test_set": TEST_SET, "network_alone": _figures(evaluation),
+                                                    "with_rim_check_0.67": _figures(rim_checked)})
             card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
             print(f"Wrote the accuracy of {name} into {card_path}")
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Fine-tunes a bundled network (stage 1) on phantoms of varied sites and protocols, as measured in the README
-# ("Fine-tuning on varied phantoms"); the result is a model folder to score with evaluate_stage2.py, not shipped.
+# Fine-tunes a network (stage 1) on phantoms of varied sites and protocols, as measured in the README ("Fine-tuning
+# on varied phantoms", "Mixed fine-tune"). The shipped QSM + FLAIR network (since 2026-12-03) is
+#   finetune_bundled_models.sh WORK qsm_flair prl_train/models/qsm_flair mixed
+# started from the network train_bundled_models.sh makes (shipped until then; git revision 5346ce0 holds it).
 # Usage: Testing/Scripts/finetune_bundled_models.sh [WORK_DIR] [qsm|qsm_flair] [START_MODEL] [varied|mixed]
 #   START_MODEL: the model to start from (default: the bundled one of that name).
 #   varied (default): 40 new phantoms (seed 8000) with TKD and Tikhonov reconstructions, every other site and
