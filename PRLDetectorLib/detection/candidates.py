@@ -74,8 +74,8 @@ class CandidateVoxels:
     shape: tuple[int, ...]
 
     @classmethod
-    def empty(cls, shape: tuple[int, ...], dtype=np.uint16) -> CandidateVoxels:
-        return cls(np.zeros(0, np.intp), np.zeros(0, dtype), np.zeros(1, np.intp), tuple(shape))
+    def empty(cls, shape: tuple[int, ...]) -> CandidateVoxels:
+        return cls(np.zeros(0, np.intp), np.zeros(0, np.uint16), np.zeros(1, np.intp), tuple(shape))
 
     @property
     def count(self) -> int:
@@ -546,8 +546,8 @@ class CandidateSet:
     """(candidates, len(FEATURE_NAMES)) float32; row k describes candidate k + 1."""
     sources: list[str]
     """Per candidate: "network", "flair" or "both" (what made it a candidate)."""
-    voxels: CandidateVoxels | None = field(default=None, repr=False)
-    """Every candidate's voxels in ``labels``, as found when labelling (None: not kept)."""
+    voxels: CandidateVoxels = field(repr=False)
+    """Every candidate's voxels in ``labels``, as found when labelling."""
 
     @property
     def count(self) -> int:
@@ -556,10 +556,6 @@ class CandidateSet:
     def foreground(self) -> tuple[np.ndarray, np.ndarray]:
         """The flat indices of every candidate voxel and its candidate id (by candidate, C order within each):
         :func:`~PRLDetectorLib.detection.lesions.foreground_ids` of ``labels`` without scanning the map."""
-        if self.voxels is None:
-            from PRLDetectorLib.detection.lesions import foreground_ids
-
-            return foreground_ids(self.labels)
         return self.voxels.flat_index, self.voxels.ids
 
 
