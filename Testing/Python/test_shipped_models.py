@@ -60,7 +60,8 @@ def test_the_readme_states_the_stage2_figures_the_shipped_cards_and_classifiers_
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     path = require_model(name)
-    held_out = json.loads((path / "model.json").read_text(encoding="utf-8"))["accuracy"]["held_out_variant_stage2"]
+    accuracy = json.loads((path / "model.json").read_text(encoding="utf-8"))["accuracy"]
+    held_out = accuracy["held_out_variant_stage2"]
     for mode, title in README_MODES.items():
         row = f"| {README_TITLES[name]} | {title} | {held_out[mode]['lesion_sensitivity']} | " \
               f"{held_out[mode]['lesion_precision']} |"
@@ -72,7 +73,7 @@ def test_the_readme_states_the_stage2_figures_the_shipped_cards_and_classifiers_
     assert f"({trained['examples']:,} candidates, {trained['prl']} on a" in readme
     # The older network-alone table (accuracy_table.py --write-cards writes the same figures into the card).
     for suffix, key in (("", "network_alone"), (" + rim check ≥ 2/3", "with_rim_check_0.67")):
-        f = json.loads((path / "model.json").read_text(encoding="utf-8"))["accuracy"][key]
+        f = accuracy[key]
         row = (f"| {README_TITLES[name]}{suffix} | {f['lesion_sensitivity']} | {f['lesion_precision']} | "
                f"{f['patient_sensitivity_ge1']} | {f['patient_specificity_ge1']} | {f['false_positives_per_patient']:.2f} |")
         assert row in readme, row
