@@ -61,7 +61,7 @@ def run_longitudinal(baseline: VisitInput, followup: VisitInput, out_dir: Path, 
         if visit.result is None and visit.qsm is None:
             raise InputError(f"Give the {name} as a detect result folder or as a QSM to detect on.")
     step = progress or (lambda message: None)
-    with atomic_path(out_dir, folder=True) as staging:
+    with atomic_path(out_dir, folder=True, replace=overwrite) as staging:
         to_detect = [(folder, v) for folder, v in ((BASELINE_RESULT, baseline), (FOLLOWUP_RESULT, followup))
                      if v.result is None]
         if to_detect:

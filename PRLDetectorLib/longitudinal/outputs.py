@@ -122,7 +122,7 @@ def write_table_files(table: ChangeTable, folder: Path, report: bool = True) -> 
 def write_changes(table: ChangeTable, out_dir: Path, overwrite: bool = False, report: bool = True) -> Path:
     """Write the comparison into ``out_dir`` all at once."""
     check_output(out_dir, overwrite)
-    with atomic_path(out_dir, folder=True) as staging:
+    with atomic_path(out_dir, folder=True, replace=overwrite) as staging:
         write_table_files(table, staging, report)
     logger.info("Wrote %s", out_dir)
     return Path(out_dir)

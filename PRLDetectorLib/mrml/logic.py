@@ -186,7 +186,8 @@ class DetectionRun:
         args = ["detect", "--qsm", qsm_path, "--out", self.out_dir, "--model", self.model.path,
                 "--device", s.device, "--tta" if s.tta else "--no-tta", "--threshold", repr(float(s.threshold)),
                 "--min-lesion-mm3", repr(float(s.min_lesion_mm3)), "--connectivity", int(s.connectivity),
-                "--min-rim-coverage", repr(float(s.min_rim_coverage)), "--progress-lines"]
+                "--min-rim-coverage", repr(float(s.min_rim_coverage)), "--operating-point", s.operating_point,
+                "--progress-lines"]
         if flair_path is not None:
             args[3:3] = ["--flair", flair_path]
         return python_module_command(self.logic.python_executable, "PRLDetectorLib", args)

@@ -179,6 +179,25 @@ def test_the_command_line_compares_two_results(results, tmp_path):
     assert record["years"] == pytest.approx(1.5, abs=0.01)
 
 
+def test_overwrite_replaces_a_comparison_and_nothing_else(results, tmp_path):
+    out = tmp_path / "out"
+    dates = ("--baseline-date", "2021-01-05", "--followup-date", "2022-07-05")
+    assert run_cli("longitudinal", "--baseline", results[0], "--followup", results[1], "--out", out, *dates).returncode == 0
+    again = ("longitudinal", "--baseline", results[0], "--followup", results[1], "--out", out,
+             "--baseline-date", "2021-01-05", "--followup-date", "2024-01-05")
+    assert_refused(run_cli(*again), "add --overwrite")
+    done = run_cli(*again, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / CHANGES_JSON).read_text(encoding="utf-8"))["years"] == pytest.approx(3.0, abs=0.01)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or retired folder left beside it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me", encoding="utf-8")
+    done = run_cli("longitudinal", "--baseline", results[0], "--followup", results[1], "--out", mine, "--overwrite")
+    assert_refused(done, "not a PRLDetector comparison")
+    assert (mine / "notes.txt").read_text(encoding="utf-8") == "keep me"
+
+
 def test_a_follow_up_dated_before_its_baseline_is_refused(results, tmp_path):
     done = run_cli("longitudinal", "--baseline", results[0], "--followup", results[1], "--out", tmp_path / "out",
                    "--baseline-date", "2022-07-05", "--followup-date", "2021-01-05")

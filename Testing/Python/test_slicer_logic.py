@@ -604,10 +604,19 @@ def test_cancel_kills_the_child_tree_and_leaves_the_scene_unchanged(scene, qsm_n
 
 
 def test_the_child_command_carries_every_setting(logic, qsm_node):
-    _fake_model(logic.models_dir)
-    settings = DetectionSettings(model="fake", device="cpu", tta=True, threshold=0.35, min_lesion_mm3=4.5, connectivity=6)
+    """The child process is the CLI: its own parser must read back every field the panel set, each one away
+    from its default (the operating point was once left out, so the panel's choice never reached the run)."""
+    from dataclasses import fields
+
+    from PRLDetectorLib.cli.main import build_parser
+    from PRLDetectorLib.cli.options import settings_from_args
     from PRLDetectorLib.mrml.logic import DetectionRun
 
+    _fake_model(logic.models_dir)
+    settings = DetectionSettings(model="fake", device="cpu", tta=True, threshold=0.35, operating_point="specific",
+                                 min_lesion_mm3=4.5, connectivity=6, min_rim_coverage=0.67)
+    defaults = DetectionSettings()
+    assert all(getattr(settings, f.name) != getattr(defaults, f.name) for f in fields(DetectionSettings))
     run = DetectionRun(logic, qsm_node, None, settings, logic.resolve_model("fake"))
     try:
         command = run.command(Path("q.nii"), Path("f.nii"))
@@ -615,10 +624,10 @@ def test_the_child_command_carries_every_setting(logic, qsm_node):
     finally:
         run.cleanup()
     assert command[:4] == [sys.executable, "-u", "-m", "PRLDetectorLib"]
-    text = " ".join(command)
-    for part in ("detect", "--qsm q.nii", "--flair f.nii", "--device cpu", "--tta", "--threshold 0.35",
-                 "--min-lesion-mm3 4.5", "--connectivity 6", "--progress-lines", str(logic.models_dir / "fake")):
-        assert part in text
+    args = build_parser().parse_args([str(part) for part in command[4:]])
+    assert (args.command, args.qsm, args.flair, args.progress_lines) == ("detect", "q.nii", "f.nii", True)
+    read_back = settings_from_args(args)
+    assert read_back == DetectionSettings(**{**settings.to_dict(), "model": str(logic.models_dir / "fake")})
     assert str(Path(bridge.__file__).parents[2]) in env["PYTHONPATH"].split(os.pathsep)
 
 
