@@ -30,7 +30,8 @@ def add_detection_options(parser: argparse.ArgumentParser) -> None:
                         help="voxel PRL probability threshold of the network when stage 2 is off "
                              "(default: %(default)s)")
     parser.add_argument("--min-lesion-mm3", type=float, default=defaults.min_lesion_mm3,
-                        help="drop lesions smaller than this (default: %(default)s mm³)")
+                        help="drop lesions smaller than this when stage 2 is off (with stage 2 a called candidate "
+                             "stays whatever its size) (default: %(default)s mm³)")
     parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=defaults.connectivity,
                         help="voxel connectivity that splits lesions (default: %(default)s)")
     parser.add_argument("--min-rim-coverage", type=float, default=defaults.min_rim_coverage,

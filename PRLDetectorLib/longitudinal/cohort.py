@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PRLDetectorLib.changes import GAINED, LOST
 from PRLDetectorLib.cohort.bids import BidsScan, find_bids_scans
+from PRLDetectorLib.detection.images import file_sha256
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.longitudinal.outputs import CHANGES_JSON
 from PRLDetectorLib.longitudinal.rows import CHANGE_COLUMNS
@@ -115,8 +116,9 @@ def pair_dir(out_dir: Path, participant: str, earlier: SessionVisit, later: Sess
 def run_bids_longitudinal(bids_dir: Path, out_dir: Path, report: bool = False, progress: bool = True) -> CohortChanges:
     """Compare the consecutive sessions of every subject whose scans the batch finished; write the cohort tables.
 
-    A pair that exists already is not compared again; one that cannot be compared (a result missing, or the
-    two scans not one brain) is recorded with its reason and the others go on.
+    A pair compared already is not compared again unless either result was remade since (``--redo``, or other
+    settings: its ``burden.json`` is no longer the one the comparison read); one that cannot be compared (a
+    result missing, or the two scans not one brain) is recorded with its reason and the others go on.
     """
     from tqdm import tqdm
 
@@ -134,7 +136,7 @@ def run_bids_longitudinal(bids_dir: Path, out_dir: Path, report: bool = False, p
         if missing:
             outcome.failed[name] = f"no detection result for {', '.join(missing)}"
             continue
-        if not (target / CHANGES_JSON).is_file():
+        if not _up_to_date(target, results):
             try:
                 run_longitudinal(VisitInput(results[0], acq_time=earlier.acq_time),
                                  VisitInput(results[1], acq_time=later.acq_time), target, overwrite=True, report=report)
@@ -145,6 +147,15 @@ def run_bids_longitudinal(bids_dir: Path, out_dir: Path, report: bool = False, p
         outcome.compared.append(target)
     outcome.summary = write_cohort_changes(out_dir, subjects, outcome)
     return outcome
+
+
+def _up_to_date(target: Path, results: list[Path]) -> bool:
+    """Whether ``target`` holds a comparison of exactly these two results as they are now."""
+    if not (target / CHANGES_JSON).is_file():
+        return False
+    record = json.loads((target / CHANGES_JSON).read_text(encoding="utf-8"))
+    read = [record.get(visit, {}).get("burden_sha256") for visit in ("baseline", "followup")]
+    return read == [file_sha256(result / RESULT_MARKER) for result in results]
 
 
 def write_cohort_changes(out_dir: Path, subjects: dict[str, list[SessionVisit]], outcome: CohortChanges) -> dict:

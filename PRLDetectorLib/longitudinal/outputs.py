@@ -49,7 +49,7 @@ def table_record(table: ChangeTable) -> dict:
     """Everything ``changes.json`` says."""
     def visit(v: tracking.Visit) -> dict:
         return {"result": v.source, "acq_time": v.acq_time.isoformat() if v.acq_time else None,
-                "prls": len(v.lesions), "flair": v.has_flair}
+                "prls": len(v.lesions), "flair": v.has_flair, "burden_sha256": v.result_sha256}
 
     return {
         "baseline": visit(table.baseline),

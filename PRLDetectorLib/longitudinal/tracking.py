@@ -25,6 +25,7 @@ PRLs overlaps, -10 to +12 ppb), and a rim that resolved is the common outcome. T
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -93,6 +94,8 @@ class Visit:
     only when such a lesion is looked for (aligning a FLAIR costs a registration)."""
     source: str = ""
     acq_time: datetime | None = None
+    result_sha256: str = ""
+    """Checksum of the result's ``burden.json`` as read: a comparison is stale once its results were remade."""
     _flair: sitk.Image | None = field(default=None, repr=False)
 
     @property
@@ -121,7 +124,8 @@ def read_visit(result_dir: str | Path, name: str, qsm: str | Path | None = None,
     if not marker.is_file() or not (result_dir / LABELS_NAME).is_file():
         raise InputError(f"'{result_dir}' is not a PRLDetector result (no {BURDEN_NAME} and {LABELS_NAME}); give the "
                          f"output folder of detect for the {name}.")
-    record = json.loads(marker.read_text(encoding="utf-8"))
+    marker_bytes = marker.read_bytes()
+    record = json.loads(marker_bytes.decode("utf-8"))
     inputs = record.get("inputs", {})
     qsm_path = qsm or inputs.get("qsm", {}).get("path")
     if not qsm_path:
@@ -147,7 +151,7 @@ def read_visit(result_dir: str | Path, name: str, qsm: str | Path | None = None,
 
     return Visit(name, qsm_image, sitk.GetArrayFromImage(labels_image).astype(np.uint16),
                  read_lesions_csv(result_dir / LESIONS_NAME), load_flair if flair_path else None, str(result_dir),
-                 acq_time)
+                 acq_time, hashlib.sha256(marker_bytes).hexdigest())
 
 
 def _option(name: str) -> str:

@@ -315,8 +315,14 @@ def export_trained_model(
     results = next(iter(sorted(folders.results.glob(f"Dataset{dataset_id:03d}_*"))), None)
     if results is None:
         raise InputError(f"'{folders.results}' holds no trained dataset {dataset_id}; train it first.")
-    trainer_dir = next(iter(sorted(results.glob(f"nnUNetTrainer__*__{CONFIGURATION}"))))
+    trainer_dir = next(iter(sorted(results.glob(f"nnUNetTrainer__*__{CONFIGURATION}"))), None)
+    if trainer_dir is None:
+        raise InputError(f"'{results}' holds no {CONFIGURATION} training; train it first (prl-detect train).")
     fold_dir = trainer_dir / f"fold_{fold}"
+    if not (fold_dir / f"checkpoint_{checkpoint}.pth").is_file():
+        written = sorted(p.stem.removeprefix("checkpoint_") for p in fold_dir.glob("checkpoint_*.pth"))
+        raise InputError(f"Fold {fold} of '{trainer_dir}' has no {checkpoint} checkpoint (it has: "
+                         f"{', '.join(written) or 'none'}); choose one of those with --checkpoint, or train on.")
     state = torch.load(fold_dir / f"checkpoint_{checkpoint}.pth", map_location="cpu", weights_only=False)
     log = state.get("logging", {})
     curve = training_curve(log)

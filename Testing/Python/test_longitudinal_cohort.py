@@ -117,6 +117,34 @@ def test_a_second_run_does_not_compare_finished_pairs_again(batch, bids):
     assert "Visits compared: 3 pair(s)" in done.stdout
 
 
+def test_a_pair_is_compared_again_when_one_of_its_results_was_remade(batch, bids, tmp_path):
+    # As after --redo (or a run with other settings): sub-000's follow-up result is replaced, here by one that
+    # found no PRL. Its pair must be compared again; the other subject's pairs must not.
+    import numpy as np
+    import SimpleITK as sitk
+
+    out = tmp_path / "out"
+    shutil.copytree(batch[0], out)
+    finished = {p: p.stat().st_mtime_ns for p in (out / "longitudinal").glob("sub-001/*/changes.json")}
+    anat = bids / "sub-000" / "ses-2" / "anat"
+    qsm = anat / "sub-000_ses-2_Chimap.nii.gz"
+    empty = sitk.GetImageFromArray(np.zeros(sitk.ReadImage(str(qsm)).GetSize()[::-1], np.uint16))
+    empty.CopyInformation(sitk.ReadImage(str(qsm)))
+    sitk.WriteImage(empty, str(tmp_path / "none.nii.gz"))
+    from PRLDetectorLib.detection.models import fingerprint, resolve_model
+
+    shutil.rmtree(out / "sub-000_ses-2")
+    write_truth_result(qsm, tmp_path / "none.nii.gz", tmp_path / "none.nii.gz", out / "sub-000_ses-2",
+                       anat / "sub-000_ses-2_FLAIR.nii.gz", model=fingerprint(resolve_model("qsm")))
+    done = run_cli("batch", "--bids", bids, "--out", out, "--longitudinal")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "longitudinal" / "sub-000" / "ses-1_to_ses-2" / "changes.json").read_text(encoding="utf-8"))
+    assert record["followup"]["prls"] == 0 and record["counts"]["new"] == 0
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    subjects = {row["participant_id"]: row for row in _csv(out / "longitudinal" / "subjects.csv")}
+    assert int(subjects["sub-000"]["gained"]) == 0
+
+
 def test_a_session_dated_before_the_one_it_follows_is_refused_before_any_detection(bids, tmp_path):
     dataset = tmp_path / "dataset"
     shutil.copytree(bids, dataset)

@@ -11,9 +11,11 @@ import SimpleITK as sitk
 from PRLDetectorLib.detection.images import same_grid
 from PRLDetectorLib.detection.registration import (
     MIN_MUTUAL_INFORMATION,
+    check_overlap,
     euler_from_record,
     flair_to_qsm_grid,
     overlap_fraction,
+    physical_box,
 )
 from PRLDetectorLib.errors import InputError
 
@@ -90,6 +92,18 @@ def test_a_flair_that_does_not_overlap_the_qsm_is_refused():
     assert overlap_fraction(far, qsm) == 0.0
     with pytest.raises(InputError, match="does not overlap the QSM"):
         flair_to_qsm_grid(far, qsm)
+    # The rule is a quarter of the smaller box: 20 % shared is refused, 30 % goes on.
+    lo, hi = physical_box(qsm)
+    width = float(hi[0] - lo[0])
+    for shared, refused in ((0.2, True), (0.3, False)):
+        shifted = sitk.Image(qsm)
+        shifted.SetOrigin(tuple(np.add(qsm.GetOrigin(), ((1 - shared) * width, 0.0, 0.0))))
+        assert overlap_fraction(shifted, qsm) == pytest.approx(shared)
+        if refused:
+            with pytest.raises(InputError, match=r"does not overlap the QSM in physical space \(20%"):
+                check_overlap(shifted, qsm)
+        else:
+            assert check_overlap(shifted, qsm) == pytest.approx(shared)
 
 
 def test_a_qsm_field_of_view_inside_the_brain_still_gets_its_flair():

@@ -131,3 +131,15 @@ def test_a_retrain_from_reviewed_statuses_moves_the_probability_of_those_lesions
 def test_train_classifier_refuses_a_result_made_without_the_classifier(results, tmp_path):
     done = run_cli("train-classifier", "--model", "qsm", "--reviewed", results["off"], "--out", tmp_path / "m")
     assert_refused(done, "has no candidates.csv")
+
+
+def test_with_stage_2_a_called_lesion_stays_whatever_the_minimum_lesion_size(results, small_case, tmp_path):
+    # --min-lesion-mm3 is the network-alone rule: the classifier judged each candidate on its patch.
+    called = read_lesions_csv(results["balanced"] / "lesions.csv")
+    assert called
+    above_smallest = min(row["volume_mm3"] for row in called) + 1.0
+    done = run_cli("detect", "--qsm", small_case / "qsm.nii.gz", "--out", tmp_path / "big", "--device", "cpu",
+                   "--min-lesion-mm3", above_smallest)
+    assert done.returncode == 0, done.stderr
+    again = read_lesions_csv(tmp_path / "big" / "lesions.csv")
+    assert [(r["lesion_id"], r["volume_mm3"]) for r in again] == [(r["lesion_id"], r["volume_mm3"]) for r in called]

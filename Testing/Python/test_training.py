@@ -95,6 +95,25 @@ def test_training_exports_an_inference_only_model_with_card_and_curve(trained):
         assert torch.equal(state["network_weights"][key], value.float())
 
 
+def test_export_model_writes_the_checkpoint_asked_for_and_refuses_one_the_run_lacks(trained, tmp_path):
+    work, _ = trained
+    done = run_cli("export-model", "--work", work, "--dataset-id", 990, "--model-out", tmp_path / "again")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "again" / "model.json").read_text(encoding="utf-8"))["name"] == "again"
+    assert (tmp_path / "again" / "fold_0" / "checkpoint_final.pth").is_file()
+    # A run without a best checkpoint (a copy of this one's results without it): one sentence, nothing written.
+    shutil.copytree(work / "nnUNet_results", tmp_path / "work" / "nnUNet_results")
+    copy = fold_dir(tmp_path / "work")
+    (copy / "checkpoint_best.pth").unlink(missing_ok=True)
+    done = run_cli("export-model", "--work", tmp_path / "work", "--dataset-id", 990, "--model-out", tmp_path / "best",
+                   "--checkpoint", "best")
+    assert_refused(done, "has no best checkpoint")
+    assert not (tmp_path / "best").exists()
+    shutil.rmtree(copy.parent)
+    done = run_cli("export-model", "--work", tmp_path / "work", "--dataset-id", 990, "--model-out", tmp_path / "none")
+    assert_refused(done, "holds no 3d_fullres training")
+
+
 def test_detect_loads_a_trained_model_folder(trained, cases, tmp_path):
     _, model = trained
     case = sorted(cases.iterdir())[0]
