@@ -246,6 +246,21 @@ def test_qsm_with_the_sign_flipped_is_refused_and_the_same_map_unflipped_passes(
             validate_qsm(_like(-sitk.GetArrayFromImage(image), image))
 
 
+def test_a_qsm_whose_dark_tail_is_a_little_heavier_passes_with_a_warning_that_is_recorded(whole_brain, caplog):
+    # Between "sign-flipped" (< 0.67) and a normal map (> 1): scale the dark side until the ratio is 0.8.
+    from PRLDetectorLib.detection.images import head_mask, tail_ratio
+
+    values = sitk.GetArrayFromImage(whole_brain)
+    head = head_mask(values)
+    median = float(np.median(values[head]))
+    stretch = tail_ratio(values[head]) / 0.8
+    doubtful = np.where(head & (values < median), median + (values - median) * stretch, values)
+    _, check = validate_qsm(_like(doubtful, whole_brain))
+    assert check.bright_dark_tail_ratio == pytest.approx(0.8, abs=0.02)
+    assert len(check.warnings) == 1 and "dark tail is heavier than its bright one" in check.warnings[0]
+    assert "check that paramagnetic" in caplog.text
+
+
 def test_an_unmasked_qsm_passes_with_a_warning_and_a_crop_inside_the_brain_does_not(whole_brain, brain_crop, caplog):
     values = sitk.GetArrayFromImage(whole_brain)
     from PRLDetectorLib.detection.images import head_mask

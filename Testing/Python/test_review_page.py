@@ -29,6 +29,7 @@ from review_browser import (
 )
 
 from PRLDetectorLib.detection.features import read_lesions_csv
+from PRLDetectorLib.detection.headers import view_rows
 
 REVIEWER = "A. Reader"
 
@@ -123,10 +124,12 @@ def _pixels_of(pixels: np.ndarray, colour: np.ndarray) -> int:
 
 
 def test_the_table_has_one_row_per_lesion_of_lesions_csv_in_a_readers_words(page, result):
-    rows = _rows(result)
+    rows = view_rows(_rows(result))  # most probable PRL first, as a reader reviews them
     table = page.locator("[data-lesion]")
     assert table.count() == len(rows)
     assert [int(table.nth(i).get_attribute("data-lesion")) for i in range(len(rows))] == [r["lesion_id"] for r in rows]
+    probabilities = [r["prl_probability"] for r in rows]
+    assert probabilities == sorted(probabilities, reverse=True)
     headings = page.locator("[data-testid=lesions] th").all_inner_texts()
     for heading in ("volume (mm³)", "R–L (mm)", "A–P (mm)", "S–I (mm)", "rim − surround (ppb)", "Status", "Note"):
         assert heading in headings, headings
@@ -219,6 +222,7 @@ def _edit_mode(page, mode: str, lesion_id: int) -> None:
 
 def test_paint_and_erase_change_the_selected_lesion_and_the_burden_follows(page, result):
     row = _rows(result)[1]
+    assert view_rows(_rows(result))[-1]["lesion_id"] != row["lesion_id"], "the edited lesion should have to move"
     lesion = page.locator(f"[data-lesion='{row['lesion_id']}']")
     lesion.click()
     _wait(lambda: _centred_on(page, _centre(row)), what="the slice views")
@@ -248,7 +252,9 @@ def test_paint_and_erase_change_the_selected_lesion_and_the_burden_follows(page,
     assert burden() == pytest.approx(start_burden + painted - start, abs=0.15)
     assert "unsaved changes" in page.locator("[data-testid=burden]").inner_text()
     # The edited lesion has lost its PRL probability (the classifier judged the old outline) and moved in the
-    # table, which is sorted by it: it stays the selected row and the lesion the tools work on.
+    # table, which is sorted by it, to its end: it stays the selected row and the lesion the tools work on.
+    _wait(lambda: page.locator("[data-lesion]").last.get_attribute("data-lesion") == str(row["lesion_id"]),
+          what="the edited lesion at the end of the table")
     assert lesion.get_attribute("class") == "selected"
     _edit_mode(page, "erase", row["lesion_id"])
     stroke()

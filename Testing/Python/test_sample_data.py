@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from PRLDetectorLib.phantom.phantom import generate_case
 from PRLDetectorLib.phantom.sample import (
     SAMPLE_NAME,
+    SAMPLE_SEED,
     GeneratedCaseUris,
     generated_case,
     sample_source_arguments,
@@ -76,3 +77,12 @@ def test_the_hook_before_generation_can_refuse_and_then_nothing_is_written(tmp_p
     else:
         raise AssertionError("the refusal was swallowed")
     assert not (tmp_path / "generated").exists()
+
+
+def test_the_sample_as_slicer_loads_it_has_known_prls_and_lesions_that_are_not():
+    # "a synthetic patient with known PRLs" (README): the full-size case, not the small crops of the tests above.
+    case = generate_case(SAMPLE_NAME, SAMPLE_SEED, with_flair=True)
+    prl = sitk.GetArrayFromImage(case.gt_prl) > 0
+    instances = sitk.GetArrayFromImage(case.gt_instances)
+    assert case.truth["prl_count"] == len(np.unique(instances[prl])) >= 1
+    assert len(np.unique(instances[(instances > 0) & ~prl])) >= 1

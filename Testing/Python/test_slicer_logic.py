@@ -278,7 +278,8 @@ def test_an_empty_mask_is_refused(logic, qsm_node, tmp_path):
 def test_the_sample_case_loads_as_qsm_and_flair_nodes_with_its_ground_truth_and_is_made_once(logic, tmp_path):
     sample = logic.load_sample_case(tmp_path / "cache", extent_mm=48)
     assert sample.qsm_node.GetName() == "PRLPhantom QSM" and sample.flair_node.GetName() == "PRLPhantom FLAIR"
-    assert sample.ground_truth_path.is_file() and sample.truth["prl_count"] >= 0
+    truth_ids = sitk.GetArrayFromImage(sitk.ReadImage(str(sample.ground_truth_path)))
+    assert sample.truth["prl_count"] == len(np.unique(truth_ids[truth_ids > 0]))  # this 48 mm crop may hold none
     assert slicer.util.arrayFromVolume(sample.qsm_node).shape == sitk.GetArrayFromImage(
         sitk.ReadImage(str(sample.ground_truth_path))).shape
     stamp = (tmp_path / "cache" / "PRLPhantom" / "qsm.nii.gz").stat().st_mtime_ns
@@ -457,6 +458,23 @@ def test_a_failed_save_leaves_the_result_as_it_was(logic, fresh_result, monkeypa
     with pytest.raises(OSError):
         logic.export(opened.review.segmentation_node, fresh_result, overwrite=True, reviewer="A. Reader")
     assert {p.name: p.read_bytes() for p in fresh_result.iterdir()} == before
+
+
+def test_a_save_renames_burden_json_into_place_after_the_other_three_files(logic, fresh_result, monkeypatch):
+    import PRLDetectorLib.results as results
+
+    renamed = []
+
+    def recording_replace(source, target):
+        renamed.append(Path(target).name)
+        return real_replace(source, target)
+
+    real_replace = results.os.replace
+    monkeypatch.setattr(results.os, "replace", recording_replace)
+    opened = logic.open_result(fresh_result)
+    logic.export(opened.review.segmentation_node, fresh_result, overwrite=True, reviewer="A. Reader")
+    assert sorted(renamed[:-1]) == ["lesions.csv", "prl.seg.nrrd", "prl_labels.nii.gz"]
+    assert renamed[-1] == "burden.json"  # the file that marks a finished result comes last
 
 
 def test_columns_another_tool_added_to_lesions_csv_survive_a_review(logic, fresh_result):

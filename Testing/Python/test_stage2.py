@@ -52,7 +52,7 @@ def test_every_called_lesion_carries_a_probability_at_or_above_the_cut_off_and_a
     stage2 = record["lesion_classifier"]
     assert stage2["operating_point"] == "balanced"
     lesions = read_lesions_csv(results["balanced"] / "lesions.csv")
-    assert len(lesions) == record["burden"]["prl_count"]
+    assert len(lesions) == record["burden"]["prl_count"] >= 1
     for row in lesions:
         assert row["prl_probability"] >= stage2["probability_cutoff"] - 1e-6
         assert 0 <= row["prl_uncertainty"] <= 0.5
