@@ -67,6 +67,30 @@ def test_same_seed_gives_byte_identical_images_and_truth(case):
     assert json.dumps(case.truth) == json.dumps(again.truth)
 
 
+_FINGERPRINT_CODE = """
+import hashlib, json, sys
+import SimpleITK as sitk
+from PRLDetectorLib.phantom.phantom import generate_case
+case = generate_case("case_000", {seed}, with_flair=True, extent_mm={extent}, n_prl=4)
+print(json.dumps({{name: hashlib.sha256(sitk.GetArrayFromImage(getattr(case, name)).tobytes()).hexdigest()
+                  for name in ("qsm", "flair", "gt_prl", "gt_instances")}}))
+"""
+
+
+def test_another_process_with_another_hash_seed_makes_the_same_bytes(case):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = _FINGERPRINT_CODE.format(seed=SEED, extent=tuple(EXTENT_MM))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=dict(os.environ, PYTHONHASHSEED="12345"))
+    there = json.loads(done.stdout.strip().splitlines()[-1])
+    here = {name: hashlib.sha256(sitk.GetArrayFromImage(getattr(case, name)).tobytes()).hexdigest() for name in there}
+    assert there == here
+
+
 def test_different_seeds_give_different_patients(case):
     other = generate_case("case_000", SEED + 1, extent_mm=EXTENT_MM, n_prl=4)
     assert not np.array_equal(sitk.GetArrayFromImage(other.qsm), arrays(case)["qsm"])
