@@ -118,6 +118,8 @@ def test_the_change_table_gives_volumes_rims_and_their_change(comparison):
 
 
 def test_the_label_map_colours_the_follow_up_by_change_and_the_segments_are_named_by_class(comparison, results):
+    # The values the README gives (a user's script reads them): 1 new ... 6 not imaged.
+    assert CHANGE_LABELS == {"new": 1, "persisting": 2, "enlarging": 3, "resolved": 4, "disappeared": 5, "not imaged": 6}
     classes = sitk.ReadImage(str(comparison / CHANGE_LABELS_NAME))
     followup_labels = sitk.ReadImage(str(results[1] / "prl_labels.nii.gz"))
     assert classes.GetSize() == followup_labels.GetSize() and classes.GetOrigin() == followup_labels.GetOrigin()

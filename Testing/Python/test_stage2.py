@@ -51,6 +51,13 @@ def test_every_called_lesion_carries_a_probability_at_or_above_the_cut_off_and_a
     record = json.loads((results["balanced"] / "burden.json").read_text())
     stage2 = record["lesion_classifier"]
     assert stage2["operating_point"] == "balanced"
+    # The expected PRL count is the sum of every candidate's calibrated probability (candidates.csv).
+    with (results["balanced"] / CANDIDATES_NAME).open() as stream:
+        chances = [float(c["prl_probability"]) for c in csv.DictReader(stream)]
+    assert stage2["expected_prl_count"] == pytest.approx(sum(chances), abs=0.01)
+    timings = record["timings_s"]
+    assert 0 < timings["stage2_s"] <= timings["lesions_s"] <= timings["total_s"]
+    assert timings["network_s"] + timings["lesions_s"] <= timings["total_s"]
     lesions = read_lesions_csv(results["balanced"] / "lesions.csv")
     assert len(lesions) == record["burden"]["prl_count"] >= 1
     for row in lesions:
