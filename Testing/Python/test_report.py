@@ -68,6 +68,27 @@ def test_each_lesion_picture_draws_the_lesion_outline(p1_page):
     assert columns.max() - columns.min() > picture.shape[1] * 0.5
 
 
+def test_each_view_carries_orientation_letters_the_qsm_window_and_the_first_a_10_mm_scale_bar(cohort, monkeypatch):
+    import PRLDetectorLib.cohort.report as report
+
+    figures = []
+    monkeypatch.setattr(report, "_png", lambda fig: figures.append(fig) or "")
+    case_report_html(cohort[1] / "p1")
+    assert len(figures) == 2  # one strip per lesion
+    axes = np.array(figures[0].axes).reshape(2, 5)  # QSM row, FLAIR row; locator + four views
+    letters = {"axial": {"R", "L", "A", "P"}, "coronal": {"R", "L", "S", "I"}, "sagittal": {"A", "P", "S", "I"}}
+    for row in axes:
+        for ax, plane in zip(row, ("axial", "axial", "axial", "coronal", "sagittal"), strict=True):
+            assert letters[plane] <= {text.get_text() for text in ax.texts}, plane
+    for ax in axes[0]:
+        assert ax.get_images()[0].get_clim() == pytest.approx(report.QSM_WINDOW_PPM) == (-0.15, 0.25)
+    bars = [line for line in axes[0, 1].get_lines() if len(line.get_xdata()) == 2]
+    assert len(bars) == 1 and "10 mm" in {text.get_text() for text in axes[0, 1].texts}
+    assert np.ptp(bars[0].get_xdata()) == pytest.approx(10.0 / report.CROP_SPACING_MM)
+    crop_pixels = axes[0, 1].get_images()[0].get_array().shape[1]
+    assert crop_pixels * report.CROP_SPACING_MM == pytest.approx(report.CROP_MM, abs=report.CROP_SPACING_MM)
+
+
 def test_a_patient_without_prls_is_said_to_have_none(cohort):
     _, out = cohort
     page = case_report_html(out / "p2")
