@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,19 @@ def test_bad_visit_arguments_are_refused_with_one_sentence(results, tmp_path, ar
     names = {"BASELINE": str(results[0]), "FOLLOWUP": str(results[1]), "NOWHERE": str(tmp_path / "nowhere")}
     done = run_cli("longitudinal", *[names.get(a, a) for a in arguments], "--out", tmp_path / "out")
     assert_refused(done, phrase)
+
+
+@pytest.mark.parametrize(("before_mm3", "after_mm3", "called"), [
+    (100.0, 125.0, ENLARGING),  # +25 % and +25 mm³: both halves of the rule
+    (100.0, 124.0, PERSISTING),  # +24 %: not enough growth
+    (20.0, 30.0, ENLARGING),  # +50 % and exactly +10 mm³
+    (20.0, 29.0, PERSISTING),  # +45 % but only +9 mm³: a small lesion's few voxels are not growth
+])
+def test_enlarging_takes_both_25_percent_and_10_mm3_of_growth_as_the_readme_says(before_mm3, after_mm3, called):
+    from PRLDetectorLib.longitudinal.tracking import Measures, _matched_change
+
+    def lesion(volume: float) -> Measures:
+        return Measures(volume, 0.05, 0.05, 1.0, 0.03, 0.0, (0.0, 0.0, 0.0), "detected")  # a clear rim
+
+    assert _matched_change(lesion(before_mm3), lesion(after_mm3)) == called
+    assert _matched_change(lesion(before_mm3), replace(lesion(after_mm3), paramagnetic_edge_fraction=0.2)) == RESOLVED
