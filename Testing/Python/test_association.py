@@ -167,3 +167,29 @@ sub-01_ses-2,2,80,40,True,False,qsm,sub-01,ses-2
     clinical = write(tmp_path / "participants.tsv", "participant_id\tEDSS\nsub-01\t1.0\n")
     with pytest.raises(InputError, match="several sessions"):
         associate(burden, clinical, "EDSS")
+
+
+def test_the_associate_command_prints_the_table_and_writes_the_plot_and_the_json(burden, tmp_path):
+    import json
+
+    from conftest import assert_refused, run_cli
+    from PIL import Image
+
+    clinical = write(tmp_path / "clinical.csv", """
+case_id,EDSS,sex
+p1,1.0,F
+p2,2.0,M
+p3,2.5,F
+p4,3.5,M
+p5,6.0,F
+p6,4.0,M
+""")
+    done = run_cli("associate", "--burden", burden, "--clinical", clinical, "--outcome", "EDSS", "--covariates", "sex",
+                   "--plot", tmp_path / "edss.png", "--json", tmp_path / "edss.json")
+    assert done.returncode == 0, done.stderr
+    assert "Spearman, PRL count:" in done.stdout and "adjusted for sex" in done.stdout
+    assert Image.open(tmp_path / "edss.png").size[0] > 300
+    record = json.loads((tmp_path / "edss.json").read_text(encoding="utf-8"))
+    assert record["outcome"] == "EDSS" and record["spearman_count"]["n"] == 6
+    assert record["spearman_count"]["rho"] == pytest.approx(spearman([0, 1, 2, 3, 5, 4], [1, 2, 2.5, 3.5, 6, 4]).rho)
+    assert_refused(run_cli("associate", "--burden", burden, "--clinical", clinical, "--outcome", "MSSS"), "MSSS")

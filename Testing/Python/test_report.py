@@ -169,3 +169,26 @@ def test_a_qsm_only_batch_pictures_only_the_qsm_even_when_the_patient_has_a_flai
     assert len(pictures) == 2
     width, height = pictures[0].size
     assert height < 0.4 * width, "a FLAIR row was drawn for a QSM-only result"
+
+
+def test_the_report_command_makes_one_patients_page_or_a_batchs_pages_and_redo_remakes_them(cohort, tmp_path):
+    from conftest import assert_refused, run_cli
+
+    _, original = cohort
+    out = tmp_path / "out"
+    shutil.copytree(original, out)
+    done = run_cli("report", "--results", out / "p1")
+    assert done.returncode == 0, done.stderr
+    assert len(images((out / "p1" / "report.html").read_text(encoding="utf-8"))) == 2
+    write_cohort_tables(out, BatchReport())
+    (out / "p1" / "report.html").write_text("<html>kept</html>", encoding="utf-8")
+    done = run_cli("report", "--results", out)
+    assert done.returncode == 0, done.stderr
+    assert "cohort of 2 patient(s)" in (out / "report.html").read_text(encoding="utf-8")
+    assert (out / "p1" / "report.html").read_text(encoding="utf-8") == "<html>kept</html>"  # not remade
+    assert "No PRL was found." in (out / "p2" / "report.html").read_text(encoding="utf-8")  # made
+    assert run_cli("report", "--results", out, "--redo").returncode == 0
+    assert len(images((out / "p1" / "report.html").read_text(encoding="utf-8"))) == 2  # remade
+    assert_refused(run_cli("report", "--results", out, "--clinical", out / "burden.csv"),
+                   "Give --clinical and --outcome together")
+    assert_refused(run_cli("report", "--results", tmp_path), "neither a detect result")
