@@ -5,13 +5,13 @@
 # regularised one is held out for testing), new seeds (the networks were trained on seed 1000).
 # Rounds of 60 new patients each (seeds 6000, 6100, ...): round 1 trains from its cases alone, every later
 # round retrains on all examples so far (--keep-shipped on the previous round's model) plus its new cases.
-# Shipped: QSM only 4 rounds (240 patients), QSM + FLAIR 2 rounds (120, on its fine-tuned network, README).
+# Shipped: both models 4 rounds (240 patients; QSM + FLAIR on its fine-tuned network, README).
 # Stage 1 costs ~12 s (QSM) / ~20 s (QSM + FLAIR) per patient on 2 cores; it is cached in WORK/train_s1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/prl_stage2}
 QSM_ROUNDS=${QSM_ROUNDS:-4}
-FLAIR_ROUNDS=${FLAIR_ROUNDS:-2}
+FLAIR_ROUNDS=${FLAIR_ROUNDS:-4}
 BIN=.venv/bin
 mkdir -p "$WORK"
 rounds_of() { if [ "$1" = qsm ]; then echo "$QSM_ROUNDS"; else echo "$FLAIR_ROUNDS"; fi; }
