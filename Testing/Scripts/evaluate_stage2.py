@@ -69,8 +69,10 @@ def predict(work: Path, label: str, folder: str, mode: str, cases: list[Path]) -
 
 
 def pr_auc(work: Path, pred: Path, cases: list[Path]) -> dict:
-    """Candidate-level PR-AUC (each candidate labelled by overlap with a true PRL) and stage 1's coverage."""
+    """Candidate-level PR-AUC (each candidate labelled by overlap with a true PRL), stage 1's coverage, and every
+    cut-off's figures (see :func:`cutoff_sweep`)."""
     scores, labels, covered, total = [], [], 0, 0
+    per_case = []
     for case in cases:
         qsm = sitk.ReadImage(str(case / "qsm.nii.gz"))
         truth = json.loads((case / "truth.json").read_text(encoding="utf-8"))
@@ -85,9 +87,39 @@ def pr_auc(work: Path, pred: Path, cases: list[Path]) -> dict:
         scores += [float(r["prl_probability"]) for r in rows]
         labels += list(hit[: len(rows)])
         covered += sum(1 for i in prl_ids if np.any(candidates[instances == i] > 0))
+        # Which candidates touch each true PRL: a called candidate is one lesion (stage 2 keeps it whole).
+        touching = [set(np.unique(candidates[(instances == i) & (candidates > 0)]).tolist()) for i in prl_ids]
+        per_case.append((touching, hit[: len(rows)], np.array([float(r["prl_probability"]) for r in rows])))
     return {"pr_auc": round(float(average_precision_score(labels, scores)), 3) if any(labels) else None,
             "candidates": len(labels), "prl_candidates": int(sum(labels)),
-            "true_prls_with_a_candidate": f"{covered}/{total}"}
+            "true_prls_with_a_candidate": f"{covered}/{total}", "cutoffs": cutoff_sweep(per_case)}
+
+
+def cutoff_sweep(per_case: list) -> list[dict]:
+    """Lesion sensitivity / precision and patient sensitivity / specificity (≥ 1) at every cut-off 0.05-0.95 (step
+    0.01): whether any single cut-off would have met all four targets on this set (an oracle, not a method)."""
+    rows = []
+    for cutoff in np.round(np.arange(0.05, 0.951, 0.01), 2):
+        found = prls = called = false = positive = positive_right = negative = negative_right = 0
+        for touching, on_prl, probability in per_case:
+            chosen = set((np.flatnonzero(probability >= cutoff) + 1).tolist())
+            found += sum(1 for ids in touching if ids & chosen)
+            prls += len(touching)
+            called += len(chosen)
+            false += sum(1 for k in chosen if not on_prl[k - 1])
+            if touching:
+                positive, positive_right = positive + 1, positive_right + bool(chosen)
+            else:
+                negative, negative_right = negative + 1, negative_right + (not chosen)
+        figures = {"cutoff": float(cutoff), "lesion_sensitivity": found / max(prls, 1),
+                   "lesion_precision": (called - false) / called if called else 1.0,
+                   "patient_sensitivity": positive_right / max(positive, 1),
+                   "patient_specificity": negative_right / max(negative, 1)}
+        figures["meets_targets"] = bool(figures["lesion_sensitivity"] >= 0.9 and figures["lesion_precision"] >= 0.9
+                                        and figures["patient_sensitivity"] == 1.0
+                                        and figures["patient_specificity"] >= 0.9)
+        rows.append(figures)
+    return rows
 
 
 def _candidate_labels(work: Path, pred: Path, case: Path, qsm: sitk.Image) -> np.ndarray:
@@ -146,7 +178,15 @@ def main() -> None:
                   f"{_cell(patient['sensitivity'])} | {_cell(patient['specificity'])} | "
                   f"{e['false_positives_per_patient']:.2f} |")
     for model in labels:
+        sweep = figures[model]["pr_auc"].pop("cutoffs")
         print(f"\n{model}: candidates {json.dumps(figures[model]['pr_auc'])}")
+        meeting = [f"{row['cutoff']:.2f}" for row in sweep if row["meets_targets"]]
+        print(f"{model}: cut-offs meeting all four targets on this set: {', '.join(meeting) or 'none'}; every 0.05:")
+        for row in sweep:
+            if round(row["cutoff"] * 100) % 5 == 0:
+                print(f"  {row['cutoff']:.2f}  " + " / ".join(f"{100 * row[k]:.1f}" for k in (
+                    "lesion_sensitivity", "lesion_precision", "patient_sensitivity", "patient_specificity")))
+        figures[model]["cutoff_sweep"] = sweep
         for mode, comparison in figures[model]["mcnemar_vs_stage1"].items():
             print(f"{model} {mode} vs network alone: {json.dumps(comparison)}")
     if args.write_cards:
