@@ -328,3 +328,26 @@ def test_evaluate_prints_the_papers_figures_for_a_detection(detected, small_case
     assert "%" in done.stdout and "(" in done.stdout
     record = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     assert record["evaluation"]
+
+
+def test_export_dataset_adds_a_corrected_case_in_nnunets_layout_and_never_overwrites_one(tmp_path, small_case):
+    dataset = tmp_path / "Dataset777_site"
+    args = ("export-dataset", "--dataset", dataset, "--qsm", small_case / "qsm.nii.gz",
+            "--flair", small_case / "flair.nii.gz", "--mask", small_case / "gt_prl.nii.gz")
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert "Added case_0000" in done.stdout
+    record = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
+    assert record["channel_names"] == {"0": "QSM", "1": "FLAIR"} and record["numTraining"] == 1
+    qsm = sitk.ReadImage(str(small_case / "qsm.nii.gz"))
+    label = sitk.ReadImage(str(dataset / "labelsTr" / "case_0000.nii.gz"))
+    flair = sitk.ReadImage(str(dataset / "imagesTr" / "case_0000_0001.nii.gz"))
+    assert label.GetSize() == flair.GetSize() == qsm.GetSize()  # FLAIR brought onto the QSM grid
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(small_case / "gt_prl.nii.gz"))) > 0
+    assert np.array_equal(sitk.GetArrayFromImage(label) > 0, truth)
+    assert run_cli(*args).returncode == 0  # the next free id
+    assert (dataset / "labelsTr" / "case_0001.nii.gz").is_file()
+    before = (dataset / "labelsTr" / "case_0000.nii.gz").read_bytes()
+    assert_refused(run_cli(*args, "--case-id", "case_0000"), "already holds a case 'case_0000'")
+    assert (dataset / "labelsTr" / "case_0000.nii.gz").read_bytes() == before
+    assert_refused(run_cli(*args[:5], "--mask", small_case / "gt_prl.nii.gz"), "takes QSM + FLAIR")
