@@ -84,12 +84,13 @@ def pr_auc(work: Path, pred: Path, cases: list[Path]) -> dict:
         # The candidate map is not written; rebuild it from the cached stage-1 map as detect made it.
         candidates = _candidate_labels(work, pred, case, qsm)
         hit = label_candidates(candidates, true_prl_mask(case, qsm))
-        scores += [float(r["prl_probability"]) for r in rows]
-        labels += list(hit[: len(rows)])
+        chances, on_prl = np.array([float(r["prl_probability"]) for r in rows]), hit[: len(rows)]
+        scores += list(chances)
+        labels += list(on_prl)
         covered += sum(1 for i in prl_ids if np.any(candidates[instances == i] > 0))
         # Which candidates touch each true PRL: a called candidate is one lesion (stage 2 keeps it whole).
         touching = [set(np.unique(candidates[(instances == i) & (candidates > 0)]).tolist()) for i in prl_ids]
-        per_case.append((touching, hit[: len(rows)], np.array([float(r["prl_probability"]) for r in rows])))
+        per_case.append((touching, on_prl, chances))
     return {"pr_auc": round(float(average_precision_score(labels, scores)), 3) if any(labels) else None,
             "candidates": len(labels), "prl_candidates": int(sum(labels)),
             "true_prls_with_a_candidate": f"{covered}/{total}", "cutoffs": cutoff_sweep(per_case)}
@@ -163,6 +164,7 @@ def main() -> None:
             evaluations[mode] = evaluate_folders(args.work / "test", pred)
         figures[label] = {mode: evaluations[mode].to_dict() for mode in MODES}
         figures[label]["pr_auc"] = pr_auc(args.work, args.work / "pred" / f"{label}_sensitive", cases)
+        figures[label]["cutoff_sweep"] = figures[label]["pr_auc"].pop("cutoffs")
         figures[label]["mcnemar_vs_stage1"] = {
             mode: compare_evaluations(evaluations[NO_CLASSIFIER], evaluations[mode]).to_dict() for mode in MODES[1:]}
     (args.work / "evaluation_stage2.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
@@ -178,7 +180,7 @@ def main() -> None:
                   f"{_cell(patient['sensitivity'])} | {_cell(patient['specificity'])} | "
                   f"{e['false_positives_per_patient']:.2f} |")
     for model in labels:
-        sweep = figures[model]["pr_auc"].pop("cutoffs")
+        sweep = figures[model]["cutoff_sweep"]
         print(f"\n{model}: candidates {json.dumps(figures[model]['pr_auc'])}")
         meeting = [f"{row['cutoff']:.2f}" for row in sweep if row["meets_targets"]]
         print(f"{model}: cut-offs meeting all four targets on this set: {', '.join(meeting) or 'none'}; every 0.05:")
@@ -186,7 +188,6 @@ def main() -> None:
             if round(row["cutoff"] * 100) % 5 == 0:
                 print(f"  {row['cutoff']:.2f}  " + " / ".join(f"{100 * row[k]:.1f}" for k in (
                     "lesion_sensitivity", "lesion_precision", "patient_sensitivity", "patient_specificity")))
-        figures[model]["cutoff_sweep"] = sweep
         for mode, comparison in figures[model]["mcnemar_vs_stage1"].items():
             print(f"{model} {mode} vs network alone: {json.dumps(comparison)}")
     if args.write_cards:
