@@ -42,6 +42,8 @@ def test_both_bundled_models_ship_a_classifier_that_loads_by_name(name):
     points = classifier.operating_points
     assert points["sensitive"] <= points["balanced"] <= points["specific"]
     assert classifier.flair_candidates == (name == "qsm_flair")
+    # README: candidates are the network's voxels at p >= 0.2, components of >= 5 mm³.
+    assert (classifier.candidate_threshold, classifier.candidate_min_mm3) == (0.2, 5.0)
     # The card says what each point gave on validation data.
     for point in POINTS:
         assert 0 < classifier.card["validation"][point]["candidate_precision"] <= 1
@@ -67,6 +69,7 @@ def test_every_called_lesion_carries_a_probability_at_or_above_the_cut_off_and_a
     with (results["balanced"] / CANDIDATES_NAME).open() as stream:
         candidates = list(csv.DictReader(stream))
     assert len(candidates) == stage2["candidates"] >= len(lesions)
+    assert min(float(c["cand_mm3"]) for c in candidates) >= 5.0  # the classifier's own minimum, whatever called
     assert {int(c["lesion_id"]) for c in candidates} - {0} == {int(r["lesion_id"]) for r in lesions}
 
 
