@@ -25,7 +25,6 @@ PRLs overlaps, -10 to +12 ppb), and a rim that resolved is the common outcome. T
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -116,7 +115,7 @@ def read_visit(result_dir: str | Path, name: str, qsm: str | Path | None = None,
                acq_time: datetime | None = None) -> Visit:
     """A visit from a ``detect`` result folder: the QSM it names (or ``qsm``), its labels and lesion table, and
     its FLAIR (the one detection used, aligned as it recorded, or ``flair``, registered to the QSM)."""
-    from PRLDetectorLib.detection.images import read_image
+    from PRLDetectorLib.detection.images import file_sha256, read_image
     from PRLDetectorLib.detection.registration import flair_as_recorded, flair_to_qsm_grid
 
     result_dir = Path(result_dir)
@@ -124,8 +123,7 @@ def read_visit(result_dir: str | Path, name: str, qsm: str | Path | None = None,
     if not marker.is_file() or not (result_dir / LABELS_NAME).is_file():
         raise InputError(f"'{result_dir}' is not a PRLDetector result (no {BURDEN_NAME} and {LABELS_NAME}); give the "
                          f"output folder of detect for the {name}.")
-    marker_bytes = marker.read_bytes()
-    record = json.loads(marker_bytes.decode("utf-8"))
+    record = json.loads(marker.read_text(encoding="utf-8"))
     inputs = record.get("inputs", {})
     qsm_path = qsm or inputs.get("qsm", {}).get("path")
     if not qsm_path:
@@ -151,7 +149,7 @@ def read_visit(result_dir: str | Path, name: str, qsm: str | Path | None = None,
 
     return Visit(name, qsm_image, sitk.GetArrayFromImage(labels_image).astype(np.uint16),
                  read_lesions_csv(result_dir / LESIONS_NAME), load_flair if flair_path else None, str(result_dir),
-                 acq_time, hashlib.sha256(marker_bytes).hexdigest())
+                 acq_time, file_sha256(marker))
 
 
 def _option(name: str) -> str:
