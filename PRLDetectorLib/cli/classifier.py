@@ -67,6 +67,7 @@ def _case_folders(paths: list[str]) -> list[Path]:
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from PRLDetectorLib.detection.candidates import FEATURE_NAMES
     from PRLDetectorLib.detection.classifier import CLASSIFIER_DIR
     from PRLDetectorLib.detection.models import resolve_model
     from PRLDetectorLib.training.classifier import (
@@ -94,6 +95,10 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         if not shipped.is_file():
             raise InputError(f"Model '{model.name}' ships no classifier examples; train from --cases instead.")
         examples = examples + read_examples(shipped)
+        if examples.names != FEATURE_NAMES:
+            logger.warning("The shipped examples were measured by an earlier version (%d of this version's %d "
+                           "measures): the new classifier is trained on those %d; train from --cases alone to use "
+                           "them all.", len(examples.names), len(FEATURE_NAMES), len(examples.names))
     if cases:
         bar = tqdm(total=len(cases), desc="Stage 1 on cases", unit="case", disable=None)
         examples = examples + examples_from_cases(

@@ -57,13 +57,26 @@ class LesionClassifier:
     def flair_candidates(self) -> bool:
         return bool(self.card.get("flair_candidates", False))
 
-    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(probability, uncertainty) per row of ``features`` (columns in :attr:`feature_names` order)."""
+    def predict(self, features: np.ndarray, columns: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(probability, uncertainty) per row of ``features``, whose columns are named by ``columns``: by default
+        :data:`FEATURE_NAMES` (what this version measures, as ``find_case_candidates`` gives them) when there are
+        as many, else :attr:`feature_names`. The classifier takes the columns it was trained on, by name: one
+        trained by an earlier version, on fewer measures, still predicts."""
         features = np.asarray(features, np.float64)
-        if features.ndim != 2 or features.shape[1] != len(self.feature_names):
+        width = features.shape[-1] if features.ndim else 0
+        if columns is None:
+            columns = FEATURE_NAMES if width == len(FEATURE_NAMES) else self.feature_names
+        if features.ndim != 2 or width != len(columns):
             raise InputError(
-                f"The classifier expects {len(self.feature_names)} features per candidate but got "
-                f"{features.shape[-1] if features.ndim else 0}; use a classifier trained by this version.")
+                f"The classifier expects {len(columns)} features per candidate but got {width}; use a classifier "
+                "trained by this version.")
+        if tuple(columns) != self.feature_names:
+            where = {name: k for k, name in enumerate(columns)}
+            missing = [name for name in self.feature_names if name not in where]
+            if missing:
+                raise InputError(f"The candidates lack the measure(s) {', '.join(missing[:3])} the classifier was "
+                                 "trained on; measure them with this version.")
+            features = features[:, [where[name] for name in self.feature_names]]
         if len(features) == 0:
             return np.zeros(0), np.zeros(0)
         raw = np.stack([member.predict(features) for member in self._boosters()])
@@ -135,7 +148,8 @@ def load_classifier(folder: str | Path) -> LesionClassifier:
     except (OSError, KeyError, TypeError, ValueError) as error:
         raise InputError(f"{what} cannot be read ({type(error).__name__}: {error}); reinstall the model.") from None
     names = tuple(card.get("feature_names", ()))
-    if names != FEATURE_NAMES:
+    # Measures are only ever added: a classifier trained on some of them (an earlier version's) takes its own.
+    if not names or len(set(names)) != len(names) or not set(names) <= set(FEATURE_NAMES):
         raise InputError(f"{what} was trained on other candidate features than this version computes; "
                          "retrain it with prl-detect train-classifier.")
     if not members or len(x) < 1 or len(x) != len(y):

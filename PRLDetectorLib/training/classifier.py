@@ -45,12 +45,17 @@ BALANCED_CUTOFF = 0.5
 
 @dataclass
 class Examples:
-    """Labelled candidates: features, label (1 = PRL), the patient each came from, and their weight."""
+    """Labelled candidates: features, label (1 = PRL), the patient each came from, and their weight.
+
+    ``names`` names the feature columns: :data:`FEATURE_NAMES` for candidates measured by this version, fewer
+    for examples an earlier version wrote (a shipped classifier's). Added together, examples keep the measures
+    both have, so a retrain on a shipped classifier's examples trains on those."""
 
     features: np.ndarray
     labels: np.ndarray
     groups: np.ndarray
     weights: np.ndarray
+    names: tuple[str, ...] = FEATURE_NAMES
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,9 +65,25 @@ class Examples:
         return cls(np.zeros((0, len(FEATURE_NAMES)), np.float32), np.zeros(0, int), np.zeros(0, object),
                    np.zeros(0))
 
+    def columns(self, names: tuple[str, ...]) -> np.ndarray:
+        """The features in the columns ``names`` (each one these examples have)."""
+        if tuple(names) == self.names:
+            return self.features
+        where = {name: k for k, name in enumerate(self.names)}
+        return self.features[:, [where[name] for name in names]]
+
     def __add__(self, other: Examples) -> Examples:
-        return Examples(np.concatenate([self.features, other.features]), np.concatenate([self.labels, other.labels]),
-                        np.concatenate([self.groups, other.groups]), np.concatenate([self.weights, other.weights]))
+        names = self.names
+        if other.names != names:
+            names = tuple(name for name in self.names if name in set(other.names))
+            if len(self) and len(other):
+                logger.info("Examples measured with %d and %d features are trained on the %d both have",
+                            len(self.names), len(other.names), len(names))
+            elif not len(self):
+                names = other.names
+        return Examples(np.concatenate([self.columns(names), other.columns(names)]),
+                        np.concatenate([self.labels, other.labels]), np.concatenate([self.groups, other.groups]),
+                        np.concatenate([self.weights, other.weights]), names)
 
 
 def label_candidates(candidate_labels: np.ndarray, true_prls: np.ndarray) -> np.ndarray:
@@ -122,22 +143,26 @@ def examples_from_reviewed_result(result: Path, weight: float = 1.0) -> Examples
 def write_examples(path: Path, examples: Examples) -> None:
     with atomic_path(path) as partial, gzip.open(partial, "wt", encoding="utf-8", newline="") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["group", "label", "weight", *FEATURE_NAMES])
+        writer.writerow(["group", "label", "weight", *examples.names])
         for k in range(len(examples)):
             writer.writerow([examples.groups[k], int(examples.labels[k]), examples.weights[k],
                              *[repr(round(float(v), 6)) if np.isfinite(v) else "" for v in examples.features[k]]])
 
 
 def read_examples(path: Path) -> Examples:
+    """Examples as :func:`write_examples` wrote them, by this version or an earlier one (fewer measures)."""
     with gzip.open(path, "rt", encoding="utf-8", newline="") as stream:
         reader = csv.DictReader(stream)
-        if list(reader.fieldnames or ())[3:] != list(FEATURE_NAMES):
+        header = list(reader.fieldnames or ())
+        names = tuple(header[3:])
+        if header[:3] != ["group", "label", "weight"] or not names or not set(names) <= set(FEATURE_NAMES):
             raise InputError(f"Training examples {path} have other features than this version computes; "
                              "train from cases instead.")
         rows = list(reader)
-    features = np.array([[float(r[n]) if r[n] else np.nan for n in FEATURE_NAMES] for r in rows], np.float32)
-    return Examples(features.reshape(-1, len(FEATURE_NAMES)), np.array([int(r["label"]) for r in rows]),
-                    np.array([r["group"] for r in rows], object), np.array([float(r["weight"]) for r in rows]))
+    features = np.array([[float(r[n]) if r[n] else np.nan for n in names] for r in rows], np.float32)
+    return Examples(features.reshape(-1, len(names)), np.array([int(r["label"]) for r in rows]),
+                    np.array([r["group"] for r in rows], object), np.array([float(r["weight"]) for r in rows]),
+                    names)
 
 
 def _platt_table(raw: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,12 +213,13 @@ def pick_operating_points(probability: np.ndarray, labels: np.ndarray) -> dict[s
 
 
 def fit_classifier(examples: Examples, folds: int = 5, seed: int = 0, card: dict | None = None,
-                   feature_names: tuple[str, ...] = FEATURE_NAMES) -> tuple[LesionClassifier, np.ndarray]:
+                   feature_names: tuple[str, ...] | None = None) -> tuple[LesionClassifier, np.ndarray]:
     """Members on patient folds, isotonic calibration and operating points on their out-of-fold predictions.
 
     Returns the classifier and the calibrated out-of-fold probability of every example. ``feature_names`` names
-    the columns of ``examples.features`` (the candidates' measures; an experiment may add its own).
+    the columns of ``examples.features``: by default ``examples.names`` (an experiment may add its own).
     """
+    feature_names = tuple(feature_names or examples.names)
     import lightgbm
     from sklearn.model_selection import GroupKFold
 

@@ -160,10 +160,42 @@ def test_a_classifier_with_other_features_is_refused_with_a_sentence(trained, tm
     (tmp_path / "model").mkdir()
     folder = save_classifier(classifier, examples, tmp_path / "model")
     card = json.loads((folder / "classifier.json").read_text())
-    card["feature_names"] = card["feature_names"][:-1]
+    card["feature_names"] = [*card["feature_names"][:-1], "vein_score_v9"]  # a measure this version lacks
     (folder / "classifier.json").write_text(json.dumps(card))
     with pytest.raises(InputError, match="retrain it with prl-detect train-classifier"):
         load_classifier(folder)
+
+
+def test_a_classifier_and_examples_of_an_earlier_version_with_fewer_measures_still_work(trained, tmp_path):
+    """Measures are only ever added: a site's classifier, or a shipped one, trained on fewer measures loads and
+    takes its own columns by name; its examples and new ones train on the measures both have."""
+    from PRLDetectorLib.training.classifier import read_examples, write_examples
+
+    _, examples, _ = trained
+    earlier = tuple(name for name in FEATURE_NAMES if not name.startswith(("flair_", "centroid_")))
+    old_examples = Examples(examples.columns(earlier), examples.labels, examples.groups, examples.weights, earlier)
+    write_examples(tmp_path / "old.csv.gz", old_examples)
+    read_back = read_examples(tmp_path / "old.csv.gz")
+    assert read_back.names == earlier and np.allclose(read_back.features, old_examples.features, atol=1e-6, equal_nan=True)  # 6 decimals
+    old, _ = fit_classifier(read_back, folds=3)
+    (tmp_path / "model").mkdir()
+    loaded = load_classifier(save_classifier(old, read_back, tmp_path / "model"))
+    assert loaded.feature_names == earlier
+    _, candidates, _ = candidates_of(42)
+    full = candidates.features  # every measure of this version, in FEATURE_NAMES order
+    by_name, _ = loaded.predict(full)
+    own, _ = loaded.predict(full[:, [FEATURE_NAMES.index(n) for n in earlier]])
+    assert np.array_equal(by_name, own)
+    # Were the columns taken by position, the dropped measures would shift every later one.
+    assert not np.allclose(by_name, loaded.predict(full[:, :len(earlier)], columns=earlier)[0])
+    # Old and new examples together keep the measures both have, rows in order.
+    both = read_back + examples
+    assert both.names == earlier and len(both) == 2 * len(examples)
+    assert np.allclose(both.features[len(examples):], examples.columns(earlier), equal_nan=True)
+    assert fit_classifier(both, folds=3)[0].feature_names == earlier
+    assert (examples + read_back).names == earlier  # whichever comes first
+    with pytest.raises(InputError, match="lack the measure"):
+        loaded.predict(full[:, :5], columns=FEATURE_NAMES[:5])
 
 
 def test_a_cut_member_is_refused_at_load_before_any_work_and_lightgbm_waits_for_the_first_prediction(
@@ -408,3 +440,33 @@ def test_the_brain_patch_shortcut_sees_a_hole_one_voxel_beyond_the_patch_edge():
         assert np.array_equal(got, plain(centre))
         skipped += bool(got.min() == 1.0)
     assert 0 < skipped < 17
+
+
+
+def test_a_retrain_on_shipped_examples_with_fewer_measures_says_so_and_trains_on_those(tmp_path):
+    """``train-classifier --keep-shipped`` on a model whose examples an earlier version wrote (here: without
+    the centroid rays) warns and trains on the measures the examples have; the result loads and predicts."""
+    import csv
+    import gzip
+    import shutil
+
+    from conftest import require_model, run_cli
+
+    model = tmp_path / "qsm"
+    shutil.copytree(require_model("qsm"), model)
+    examples = model / CLASSIFIER_DIR / "training_candidates.csv.gz"
+    with gzip.open(examples, "rt", newline="") as stream:
+        rows = list(csv.reader(stream))
+    keep = [k for k, name in enumerate(rows[0]) if not name.startswith("centroid_")]
+    with gzip.open(examples, "wt", newline="") as stream:
+        csv.writer(stream).writerows([[row[k] for k in keep] for row in rows])
+    out = tmp_path / "qsm_site"
+    done = run_cli("train-classifier", "--model", model, "--keep-shipped", "--out", out)
+    assert done.returncode == 0, done.stderr
+    earlier = tuple(name for name in FEATURE_NAMES if not name.startswith("centroid_"))
+    assert f"measured by an earlier version ({len(earlier)} of this version's {len(FEATURE_NAMES)}" in done.stderr
+    retrained = load_classifier(out / CLASSIFIER_DIR)
+    assert retrained.feature_names == earlier
+    _, candidates, _ = candidates_of(42)
+    probability, _ = retrained.predict(candidates.features)
+    assert probability.shape == (candidates.count,) and np.all((probability >= 0) & (probability <= 1))
