@@ -470,3 +470,25 @@ def test_a_retrain_on_shipped_examples_with_fewer_measures_says_so_and_trains_on
     _, candidates, _ = candidates_of(42)
     probability, _ = retrained.predict(candidates.features)
     assert probability.shape == (candidates.count,) and np.all((probability >= 0) & (probability <= 1))
+
+
+def test_the_blur_experiment_smooths_inside_the_brain_and_keeps_its_mask():
+    """``Testing/Scripts/experiment_blur_augmentation.py`` (README, "Two more levers"): the smoothed QSM keeps
+    the brain mask (the measures read it from the map's zeros), blurs a rim and does not pull the brain's edge
+    towards the zeros outside."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "Scripts" / "experiment_blur_augmentation.py"
+    spec = importlib.util.spec_from_file_location("experiment_blur_augmentation", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values = np.zeros((24, 24, 24), np.float32)
+    values[2:22, 2:22, 2:22] = 0.05  # brain, uniform
+    values[12, 12, 12] = 0.5  # a bright point
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((0.8, 0.8, 1.6))
+    smoothed = sitk.GetArrayFromImage(module.smoothed_in_brain(image, 1.0))
+    assert np.array_equal(smoothed != 0, values != 0)
+    assert smoothed[12, 12, 12] < 0.3 and smoothed[12, 12, 13] > 0.06
+    assert smoothed[2, 2, 2] == pytest.approx(0.05, abs=1e-4)  # the brain's corner, far from the point
