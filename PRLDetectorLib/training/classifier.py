@@ -75,7 +75,8 @@ class Examples:
     def __add__(self, other: Examples) -> Examples:
         names = self.names
         if other.names != names:
-            names = tuple(name for name in self.names if name in set(other.names))
+            theirs = set(other.names)
+            names = tuple(name for name in self.names if name in theirs)
             if len(self) and len(other):
                 logger.info("Examples measured with %d and %d features are trained on the %d both have",
                             len(self.names), len(other.names), len(names))
