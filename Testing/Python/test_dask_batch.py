@@ -97,3 +97,52 @@ def test_a_worker_keeps_one_model_loaded_per_settings():
         assert other is not first and len(_WORKER_DETECTORS) == 1
     finally:
         _WORKER_DETECTORS.clear()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_patient_is_recorded_as_a_failure_and_the_batch_goes_on(tiny_cases, tmp_path):
+    """README "Robust for hundreds of patients": a lost worker fails its patient only. Of two workers, each on a
+    patient, the one running the first is killed (SIGKILL, as the kernel's out-of-memory killer does) while it
+    works; with no retries allowed, that patient is recorded in failures.csv with no result folder, and the
+    other patient's result is made."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import dask
+    from distributed import LocalCluster
+
+    model = require_model("qsm")
+    cases, out = tmp_path / "cases", tmp_path / "out"
+    cases.mkdir()
+    for case in ("p0", "p1"):
+        shutil.copytree(tiny_cases / case, cases / case)
+    settings = DetectionSettings(model=str(model), device="cpu")
+    # No retries; two workers, so that each takes one patient and the kill takes one.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        outcome = {}
+        batch = threading.Thread(target=lambda: outcome.update(report=run_batch(
+            cases, out, settings, progress=False, scheduler=cluster.scheduler_address)))
+        batch.start()
+        killed, deadline = None, time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline and batch.is_alive():
+            running = [task for key, task in list(cluster.scheduler.tasks.items())
+                       if str(key).startswith("prl-case-") and task.state == "processing"]
+            if len(running) == 2 and running[0].processing_on is not running[1].processing_on:
+                time.sleep(1.0)  # inside process_case: reading, loading the model or detecting
+                killed = str(running[0].key).split("-")[2]
+                (nanny,) = [n for n in cluster.workers.values()
+                            if n.worker_address == running[0].processing_on.address]
+                os.kill(nanny.process.process.pid, signal.SIGKILL)
+            time.sleep(0.1)
+        batch.join(timeout=600)
+    assert killed in ("p0", "p1"), "no patient was seen running"
+    report = outcome["report"]
+    other = "p1" if killed == "p0" else "p0"
+    assert list(report.failed) == [killed] and report.failed[killed].startswith("worker lost: KilledWorker")
+    assert report.done == [other]
+    assert not (out / killed).exists() and (out / other / "burden.json").is_file()
+    rows = list(csv.DictReader(open(out / "failures.csv", encoding="utf-8")))
+    assert [r["case_id"] for r in rows] == [killed] and "worker lost" in rows[0]["reason"]
