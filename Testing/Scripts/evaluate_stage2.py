@@ -25,7 +25,12 @@ import SimpleITK as sitk
 from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
-from PRLDetectorLib.cohort.evaluation import compare_evaluations, evaluate_folders
+from PRLDetectorLib.cohort.evaluation import (
+    CaseEvaluation,
+    CohortEvaluation,
+    compare_evaluations,
+    evaluate_folders,
+)
 from PRLDetectorLib.detection.burden import compute_burden
 from PRLDetectorLib.detection.images import read_image, validate_flair, validate_qsm
 from PRLDetectorLib.detection.pipeline import DetectionResult, Detector, write_result
@@ -68,9 +73,9 @@ def predict(work: Path, label: str, folder: str, mode: str, cases: list[Path]) -
     return out
 
 
-def pr_auc(work: Path, pred: Path, cases: list[Path]) -> dict:
-    """Candidate-level PR-AUC (each candidate labelled by overlap with a true PRL), stage 1's coverage, and every
-    cut-off's figures (see :func:`cutoff_sweep`)."""
+def pr_auc(work: Path, pred: Path, cases: list[Path]) -> tuple[dict, list]:
+    """Candidate-level PR-AUC (each candidate labelled by overlap with a true PRL) and stage 1's coverage; and, per
+    case, what :func:`cutoff_sweep` needs (read here once, with the candidate maps)."""
     scores, labels, covered, total = [], [], 0, 0
     per_case = []
     for case in cases:
@@ -90,32 +95,36 @@ def pr_auc(work: Path, pred: Path, cases: list[Path]) -> dict:
         covered += sum(1 for i in prl_ids if np.any(candidates[instances == i] > 0))
         # Which candidates touch each true PRL: a called candidate is one lesion (stage 2 keeps it whole).
         touching = [set(np.unique(candidates[(instances == i) & (candidates > 0)]).tolist()) for i in prl_ids]
-        per_case.append((touching, on_prl, chances))
+        per_case.append((case.name, touching, on_prl, chances))
     return {"pr_auc": round(float(average_precision_score(labels, scores)), 3) if any(labels) else None,
             "candidates": len(labels), "prl_candidates": int(sum(labels)),
-            "true_prls_with_a_candidate": f"{covered}/{total}", "cutoffs": cutoff_sweep(per_case)}
+            "true_prls_with_a_candidate": f"{covered}/{total}"}, per_case
 
 
 def cutoff_sweep(per_case: list) -> list[dict]:
     """Lesion sensitivity / precision and patient sensitivity / specificity (≥ 1) at every cut-off 0.05-0.95 (step
-    0.01): whether any single cut-off would have met all four targets on this set (an oracle, not a method)."""
+    0.01): whether any single cut-off would have met all four targets on this set (an oracle, not a method).
+    Each cut-off's calls are scored by the library's own :class:`CohortEvaluation`, as ``evaluate`` scores a
+    result (a called candidate is one lesion; a true PRL is hit when a called candidate touches it)."""
+
+    def value(proportion, empty: float) -> float:
+        return proportion.value if proportion.total else empty
+
     rows = []
     for cutoff in np.round(np.arange(0.05, 0.951, 0.01), 2):
-        found = prls = called = false = positive = positive_right = negative = negative_right = 0
-        for touching, on_prl, probability in per_case:
-            chosen = set((np.flatnonzero(probability >= cutoff) + 1).tolist())
-            found += sum(1 for ids in touching if ids & chosen)
-            prls += len(touching)
-            called += len(chosen)
-            false += sum(1 for k in chosen if not on_prl[k - 1])
-            if touching:
-                positive, positive_right = positive + 1, positive_right + bool(chosen)
-            else:
-                negative, negative_right = negative + 1, negative_right + (not chosen)
-        figures = {"cutoff": float(cutoff), "lesion_sensitivity": found / max(prls, 1),
-                   "lesion_precision": (called - false) / called if called else 1.0,
-                   "patient_sensitivity": positive_right / max(positive, 1),
-                   "patient_specificity": negative_right / max(negative, 1)}
+        cases = []
+        for name, touching, on_prl, probability in per_case:
+            chosen = (np.flatnonzero(probability >= cutoff) + 1).tolist()
+            called = set(chosen)
+            cases.append(CaseEvaluation(name, tuple(range(1, len(touching) + 1)),
+                                        tuple(bool(ids & called) for ids in touching),
+                                        tuple(chosen), tuple(bool(on_prl[k - 1]) for k in chosen), 0, 0, 0))
+        cohort = CohortEvaluation(tuple(cases))
+        # Nothing called is precision 1 (no false call), an empty class 0: as this sweep has always counted.
+        figures = {"cutoff": float(cutoff), "lesion_sensitivity": value(cohort.lesion_sensitivity, 0.0),
+                   "lesion_precision": value(cohort.lesion_precision, 1.0),
+                   "patient_sensitivity": value(cohort.patient_sensitivity(), 0.0),
+                   "patient_specificity": value(cohort.patient_specificity(), 0.0)}
         figures["meets_targets"] = bool(figures["lesion_sensitivity"] >= 0.9 and figures["lesion_precision"] >= 0.9
                                         and figures["patient_sensitivity"] == 1.0
                                         and figures["patient_specificity"] >= 0.9)
@@ -163,8 +172,8 @@ def main() -> None:
             pred = predict(args.work, label, folder, mode, cases)
             evaluations[mode] = evaluate_folders(args.work / "test", pred)
         figures[label] = {mode: evaluations[mode].to_dict() for mode in MODES}
-        figures[label]["pr_auc"] = pr_auc(args.work, args.work / "pred" / f"{label}_sensitive", cases)
-        figures[label]["cutoff_sweep"] = figures[label]["pr_auc"].pop("cutoffs")
+        figures[label]["pr_auc"], per_case = pr_auc(args.work, args.work / "pred" / f"{label}_sensitive", cases)
+        figures[label]["cutoff_sweep"] = cutoff_sweep(per_case)
         figures[label]["mcnemar_vs_stage1"] = {
             mode: compare_evaluations(evaluations[NO_CLASSIFIER], evaluations[mode]).to_dict() for mode in MODES[1:]}
     (args.work / "evaluation_stage2.json").write_text(json.dumps(figures, indent=2), encoding="utf-8")
