@@ -32,6 +32,24 @@ __all__ = ["CLASSIFIER_DIR", "NO_CLASSIFIER", "OPERATING_POINTS", "LesionClassif
            "model_classifier"]
 
 
+def known_measures(names: tuple[str, ...]) -> bool:
+    """Whether ``names`` are distinct measures this version computes: all of :data:`FEATURE_NAMES` or fewer (those
+    of an earlier version; measures are only ever added). What a classifier or its examples may be made of."""
+    return bool(names) and len(set(names)) == len(names) and set(names) <= set(FEATURE_NAMES)
+
+
+def columns_by_name(features: np.ndarray, columns: tuple[str, ...], names: tuple[str, ...]) -> np.ndarray:
+    """``features``, whose columns are named by ``columns``, in the columns ``names``."""
+    if tuple(columns) == tuple(names):
+        return features
+    where = {name: k for k, name in enumerate(columns)}
+    missing = [name for name in names if name not in where]
+    if missing:
+        raise InputError(f"The candidates lack the measure(s) {', '.join(missing[:3])} the classifier was trained "
+                         "on; measure them with this version.")
+    return features[:, [where[name] for name in names]]
+
+
 @dataclass
 class LesionClassifier:
     feature_names: tuple[str, ...]
@@ -70,13 +88,7 @@ class LesionClassifier:
             raise InputError(
                 f"The classifier expects {len(columns)} features per candidate but got {width}; use a classifier "
                 "trained by this version.")
-        if tuple(columns) != self.feature_names:
-            where = {name: k for k, name in enumerate(columns)}
-            missing = [name for name in self.feature_names if name not in where]
-            if missing:
-                raise InputError(f"The candidates lack the measure(s) {', '.join(missing[:3])} the classifier was "
-                                 "trained on; measure them with this version.")
-            features = features[:, [where[name] for name in self.feature_names]]
+        features = columns_by_name(features, columns, self.feature_names)
         if len(features) == 0:
             return np.zeros(0), np.zeros(0)
         raw = np.stack([member.predict(features) for member in self._boosters()])
@@ -148,8 +160,7 @@ def load_classifier(folder: str | Path) -> LesionClassifier:
     except (OSError, KeyError, TypeError, ValueError) as error:
         raise InputError(f"{what} cannot be read ({type(error).__name__}: {error}); reinstall the model.") from None
     names = tuple(card.get("feature_names", ()))
-    # Measures are only ever added: a classifier trained on some of them (an earlier version's) takes its own.
-    if not names or len(set(names)) != len(names) or not set(names) <= set(FEATURE_NAMES):
+    if not known_measures(names):
         raise InputError(f"{what} was trained on other candidate features than this version computes; "
                          "retrain it with prl-detect train-classifier.")
     if not members or len(x) < 1 or len(x) != len(y):

@@ -24,7 +24,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from PRLDetectorLib.detection.candidates import FEATURE_NAMES, find_case_candidates
-from PRLDetectorLib.detection.classifier import CLASSIFIER_DIR, LesionClassifier
+from PRLDetectorLib.detection.classifier import (
+    CLASSIFIER_DIR,
+    LesionClassifier,
+    columns_by_name,
+    known_measures,
+)
 from PRLDetectorLib.errors import InputError
 from PRLDetectorLib.results import CANDIDATES_NAME, LESIONS_NAME, atomic_path
 
@@ -67,21 +72,15 @@ class Examples:
 
     def columns(self, names: tuple[str, ...]) -> np.ndarray:
         """The features in the columns ``names`` (each one these examples have)."""
-        if tuple(names) == self.names:
-            return self.features
-        where = {name: k for k, name in enumerate(self.names)}
-        return self.features[:, [where[name] for name in names]]
+        return columns_by_name(self.features, self.names, names)
 
     def __add__(self, other: Examples) -> Examples:
         names = self.names
         if other.names != names:
+            # No examples yet (Examples.empty()) have no measures to lose; else the measures both have. (The one
+            # reader of an earlier version's examples, train-classifier --keep-shipped, says so.)
             theirs = set(other.names)
-            names = tuple(name for name in self.names if name in theirs)
-            if len(self) and len(other):
-                logger.info("Examples measured with %d and %d features are trained on the %d both have",
-                            len(self.names), len(other.names), len(names))
-            elif not len(self):
-                names = other.names
+            names = other.names if not len(self) else tuple(name for name in self.names if name in theirs)
         return Examples(np.concatenate([self.columns(names), other.columns(names)]),
                         np.concatenate([self.labels, other.labels]), np.concatenate([self.groups, other.groups]),
                         np.concatenate([self.weights, other.weights]), names)
@@ -156,7 +155,7 @@ def read_examples(path: Path) -> Examples:
         reader = csv.DictReader(stream)
         header = list(reader.fieldnames or ())
         names = tuple(header[3:])
-        if header[:3] != ["group", "label", "weight"] or not names or not set(names) <= set(FEATURE_NAMES):
+        if header[:3] != ["group", "label", "weight"] or not known_measures(names):
             raise InputError(f"Training examples {path} have other features than this version computes; "
                              "train from cases instead.")
         rows = list(reader)
